@@ -1,0 +1,1 @@
+"""The policy language: stacks, conditions, templates, and the signed PolicyBundle."""
