@@ -1,0 +1,539 @@
+"""The envoy's durable state: one LMDB environment in ``STATE_DIR/cache``.
+
+Named databases (every value msgpack):
+
+    meta        envoy_id, highest serial and term accepted, trusted key, last run, queue bytes
+    bundles     "current" and "previous": the signed parts of the last two accepted bundles,
+                their secrets sealed with the local key (see sealing.py)
+    traits      "last": the traits of the last run
+    queue       run reports not yet acknowledged by a server, key = 8-byte big-endian sequence
+    runs        run_id -> queue key, so an acknowledgement by run id deletes in O(1)
+    quarantine  entries that failed to decode, moved aside with the reason, never a crash
+
+Why LMDB: a committed write transaction is durable and atomic (copy-on-write B+tree, fsync on
+commit), so a ``kill -9`` at any instant leaves either the whole run's report in the queue or
+none of it, never half. One process writes at a time (the run lock in engine.py); readers such
+as ``vigo-envoy status`` never block it.
+
+The queue is bounded by bytes (``queue_max_bytes``). Past the bound, the oldest reports are
+folded into one *summary* record at the head of the queue that keeps their count, status
+totals and time range, so a long outage costs detail, never the fact that runs happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from vigo.errors import (
+    BundleError,
+    BundleRefusedError,
+    CacheCorruptError,
+    CacheError,
+    SecretError,
+)
+from vigo.policy.bundle import Bundle, verify_parts
+
+log = logging.getLogger("vigo.agent.cache")
+
+#: LMDB's map is a sparse file; this is an upper bound on the cache's size on disk, not a cost.
+DEFAULT_MAP_SIZE_BYTES = 1 << 30
+#: Default bound on queued report bytes before the oldest are folded into a summary.
+DEFAULT_QUEUE_MAX_BYTES = 64 * 1024 * 1024
+SUMMARY = "summary"
+
+_DBS = ("meta", "bundles", "traits", "queue", "runs", "quarantine")
+_SEQ = struct.Struct(">Q")
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False)
+
+
+@dataclass
+class QueueStats:
+    entries: int
+    runs: int  # reports represented, summaries counted by what they fold
+    bytes: int
+    oldest_started_at: float | None
+    newest_started_at: float | None
+    summarized_runs: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Cache:
+    """The envoy's LMDB cache. Not thread-safe for writers; one writing process at a time."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        sealer: Any = None,
+        map_size_bytes: int = DEFAULT_MAP_SIZE_BYTES,
+        queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES,
+        readonly: bool = False,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.queue_max_bytes = queue_max_bytes
+        self.readonly = readonly
+        self._sealer = sealer
+        self._quarantine_later: list[tuple[str, bytes, bytes, str]] = []
+        path = self.state_dir / "cache"
+        try:
+            if not readonly:
+                self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                path.mkdir(mode=0o700, exist_ok=True)
+            elif not (path / "data.mdb").exists():
+                raise CacheError(f"no envoy cache in {self.state_dir} (expected {path}/data.mdb; has this envoy run yet?)")
+            self.env = lmdb.open(
+                str(path), max_dbs=len(_DBS), map_size=map_size_bytes, subdir=True,
+                readonly=readonly, sync=True, metasync=True, mode=0o600,
+            )
+            self._db = {name: self.env.open_db(name.encode(), create=not readonly) for name in _DBS}
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot open envoy cache {path}: {exc}") from exc
+        except OSError as exc:
+            raise CacheError(f"cannot create state directory {self.state_dir}: {exc.strerror or exc}") from exc
+        if not readonly:
+            self._ensure_identity()
+
+    def close(self) -> None:
+        self.env.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- low level --------------------------------------------------------------------
+
+    def _write(self):
+        return self.env.begin(write=True)
+
+    def _get(self, txn: lmdb.Transaction, db: str, key: bytes) -> Any:
+        """Decode one value; a value that fails to decode is quarantined and reads as None."""
+        raw = txn.get(key, db=self._db[db])
+        if raw is None:
+            return None
+        try:
+            return _unpack(raw)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            self._quarantine_later.append((db, key, bytes(raw), f"does not decode as msgpack: {exc}"))
+            return None
+
+    def _flush_quarantine(self) -> None:
+        """Quarantine what the last read found undecodable (a read-only cache only logs it)."""
+        pending, self._quarantine_later = self._quarantine_later, []
+        for db, key, raw, reason in pending:
+            if self.readonly:
+                log.warning("cache entry %s/%s is unreadable: %s", db, key.decode(errors="replace"), reason)
+            else:
+                self.quarantine(db, key, raw, reason)
+
+    def quarantine(self, db: str, key: bytes, raw: bytes | None, reason: str) -> None:
+        """Move a bad entry aside (kept for inspection) and say so in the log."""
+        log.warning("cache entry %s/%s quarantined: %s", db, key.decode(errors="replace"), reason)
+        record = {"db": db, "key": key, "raw": raw, "reason": reason, "at": time.time()}
+        qkey = f"{time.time():.6f}:{db}:{key.hex()}".encode()
+        try:
+            with self._write() as txn:
+                txn.put(qkey, _pack(record), db=self._db["quarantine"])
+                txn.delete(key, db=self._db[db])
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot quarantine cache entry {db}/{key!r}: {exc}") from exc
+
+    def _ensure_identity(self) -> None:
+        self._quarantine_later = []
+        with self._write() as txn:
+            if self._get(txn, "meta", b"envoy_id") is None:
+                txn.put(b"envoy_id", _pack(uuid.uuid4().hex), db=self._db["meta"])
+                txn.put(b"created_at", _pack(time.time()), db=self._db["meta"])
+        self._flush_quarantine()
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        self._quarantine_later = []
+        with self.env.begin() as txn:
+            value = self._get(txn, "meta", key.encode())
+        self._flush_quarantine()
+        return default if value is None else value
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._put("meta", key.encode(), value)
+
+    def _put(self, db: str, key: bytes, value: Any) -> None:
+        try:
+            with self._write() as txn:
+                txn.put(key, _pack(value), db=self._db[db])
+        except lmdb.MapFullError as exc:
+            raise CacheError(f"envoy cache is full writing {db}/{key.decode()} (map size {self.env.info()['map_size']} bytes)") from exc
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot write {db}/{key.decode()} to the envoy cache: {exc}") from exc
+
+    @property
+    def envoy_id(self) -> str:
+        return str(self.meta("envoy_id", ""))
+
+    # --- bundles ----------------------------------------------------------------------
+
+    def accept_bundle(self, bundle: Bundle) -> bool:
+        """Make a verified bundle current, unless it would roll the envoy back.
+
+        Returns False when it is the bundle already in force. Raises BundleRefusedError for a
+        lower term, a lower serial, or a different bundle under an already-accepted serial; the
+        last good bundle then stays in force.
+        """
+        self._quarantine_later = []
+        try:
+            with self._write() as txn:
+                high_serial = self._get(txn, "meta", b"highest_serial") or 0
+                high_term = self._get(txn, "meta", b"highest_term") or 0
+                current = self._get(txn, "bundles", b"current")
+                _check_not_older(bundle, high_serial, high_term, current)
+                if current is not None and current.get("version") == bundle.version and current.get("serial") == bundle.serial:
+                    return False
+                if current is not None:
+                    txn.put(b"previous", _pack(current), db=self._db["bundles"])
+                txn.put(b"current", _pack(self._stored(bundle)), db=self._db["bundles"])
+                txn.put(b"highest_serial", _pack(max(high_serial, bundle.serial)), db=self._db["meta"])
+                txn.put(b"highest_term", _pack(max(high_term, bundle.term)), db=self._db["meta"])
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot store bundle {bundle.version} serial {bundle.serial}: {exc}") from exc
+        finally:
+            self._flush_quarantine()
+        log.info("accepted bundle %s serial %d term %d", bundle.version, bundle.serial, bundle.term)
+        return True
+
+    def _stored(self, bundle: Bundle) -> dict[str, Any]:
+        sealed = None
+        if bundle.raw_secrets is not None:
+            if self._sealer is None:
+                raise CacheError("cannot cache a bundle with secrets: no sealing key configured")
+            sealed = self._sealer.seal(bundle.raw_secrets, b"bundle-secrets:" + bundle.version.encode())
+        return {
+            "version": bundle.version,
+            "serial": bundle.serial,
+            "term": bundle.term,
+            "body": bundle.raw_body,
+            "signature": bundle.raw_signature,
+            "key_id": bundle.key_id,
+            "secrets_sealed": sealed,
+            "accepted_at": time.time(),
+        }
+
+    def load_bundle(self, trusted: Ed25519PublicKey, slot: str = "current") -> Bundle | None:
+        """The bundle in ``slot``, re-verified. A bad entry is quarantined and reads as None."""
+        self._quarantine_later = []
+        with self.env.begin() as txn:
+            entry = self._get(txn, "bundles", slot.encode())
+        self._flush_quarantine()
+        if entry is None:
+            return None
+        try:
+            raw_secrets = None
+            if entry.get("secrets_sealed") is not None:
+                if self._sealer is None:
+                    raise SecretError("no sealing key to open the cached bundle's secrets")
+                raw_secrets = self._sealer.open(
+                    entry["secrets_sealed"], b"bundle-secrets:" + str(entry["version"]).encode()
+                )
+            return verify_parts(
+                entry["body"], entry["signature"], entry.get("key_id", ""), raw_secrets, trusted,
+                origin=f"cached {slot} bundle",
+            )
+        except (BundleError, SecretError, KeyError, TypeError, AttributeError) as exc:
+            self.quarantine("bundles", slot.encode(), _pack(entry), f"cached bundle unusable: {exc}")
+            return None
+
+    def bundle_in_force(self, trusted: Ed25519PublicKey) -> Bundle | None:
+        """Current bundle, or the previous one when the current entry is unusable."""
+        bundle = self.load_bundle(trusted, "current")
+        if bundle is None:
+            bundle = self.load_bundle(trusted, "previous")
+            if bundle is not None:
+                log.warning("current cached bundle unusable; enforcing previous %s serial %d", bundle.version, bundle.serial)
+        return bundle
+
+    def bundle_info(self, slot: str = "current") -> dict[str, Any] | None:
+        """Version, serial, term and acceptance time of a cached bundle, without verifying it."""
+        self._quarantine_later = []
+        with self.env.begin() as txn:
+            entry = self._get(txn, "bundles", slot.encode())
+        self._flush_quarantine()
+        if not isinstance(entry, dict):
+            return None
+        return {k: entry.get(k) for k in ("version", "serial", "term", "accepted_at")}
+
+    # --- traits -----------------------------------------------------------------------
+
+    def store_traits(self, traits: dict[str, Any]) -> None:
+        self._put("traits", b"last", traits)
+
+    def last_traits(self) -> dict[str, Any] | None:
+        self._quarantine_later = []
+        with self.env.begin() as txn:
+            value = self._get(txn, "traits", b"last")
+        self._flush_quarantine()
+        return value
+
+    # --- results queue ----------------------------------------------------------------
+
+    def enqueue(self, report: dict[str, Any], *, last_run: dict[str, Any] | None = None) -> int:
+        """Commit one run report to the queue (and the last-run summary) durably; return its seq.
+
+        This is the first thing that happens to a report: only after this returns may it be
+        printed or sent anywhere.
+        """
+        raw = _pack(report)
+        run_id = str(report["run_id"])
+        self._quarantine_later = []
+        try:
+            with self._write() as txn:
+                queue = self._db["queue"]
+                cur = txn.cursor(db=queue)
+                seq = _SEQ.unpack(cur.key())[0] + 1 if cur.last() else 1
+                key = _SEQ.pack(seq)
+                txn.put(key, raw, db=queue)
+                txn.put(run_id.encode(), key, db=self._db["runs"])
+                used = (self._get(txn, "meta", b"queue_bytes") or 0) + len(raw)
+                if used > self.queue_max_bytes:
+                    used = self._compact(txn, used)
+                txn.put(b"queue_bytes", _pack(used), db=self._db["meta"])
+                if last_run is not None:
+                    txn.put(b"last_run", _pack(last_run), db=self._db["meta"])
+        except lmdb.MapFullError as exc:
+            raise CacheError(
+                f"envoy cache is full: cannot queue report {run_id} ({len(raw)} bytes); "
+                f"lower queue_max_bytes or free disk space"
+            ) from exc
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot queue report {run_id}: {exc}") from exc
+        finally:
+            self._flush_quarantine()
+        return seq
+
+    def _compact(self, txn: lmdb.Transaction, used: int) -> int:
+        """Fold the oldest reports into the head summary until the queue fits its bound.
+
+        The newest report always stays whole, so at least one full report survives any bound.
+        """
+        queue, runs = self._db["queue"], self._db["runs"]
+        cur = txn.cursor(db=queue)
+        summary: dict[str, Any] | None = None
+        summary_key: bytes | None = None
+        folded = 0
+        last_key = cur.key() if cur.last() else None
+        cur.first()
+        while used > self.queue_max_bytes and cur.key() != last_key:
+            key, raw = bytes(cur.key()), bytes(cur.value())
+            try:
+                entry = _unpack(raw)
+            except Exception as exc:
+                self._quarantine_later.append(("queue", key, raw, f"does not decode: {exc}"))
+                entry = None
+            if isinstance(entry, dict) and entry.get("kind") == SUMMARY:
+                summary = entry if summary is None else _merge_summaries(summary, entry)
+            elif isinstance(entry, dict):
+                summary = _fold(summary, entry)
+                folded += 1
+            if isinstance(entry, dict):
+                txn.delete(str(entry.get("run_id", "")).encode(), db=runs)
+            cur.delete()  # moves the cursor to the next entry
+            used -= len(raw)
+            summary_key = key
+        if summary is not None and summary_key is not None:
+            raw = _pack(summary)
+            txn.put(summary_key, raw, db=queue)
+            txn.put(str(summary["run_id"]).encode(), summary_key, db=runs)
+            used += len(raw)
+            log.warning(
+                "results queue over %d bytes: folded %d oldest reports into summary %s (%d runs, %s .. %s)",
+                self.queue_max_bytes, folded, summary["run_id"], summary["count"],
+                _iso(summary["first_started_at"]), _iso(summary["last_started_at"]),
+            )
+        return used
+
+    def pending(self, *, limit: int = 100, max_bytes: int = 4 * 1024 * 1024) -> list[dict[str, Any]]:
+        """Oldest-first queued reports (and summaries), at most ``limit`` items / ``max_bytes``."""
+        out: list[dict[str, Any]] = []
+        size = 0
+        self._quarantine_later = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._db["queue"])
+            for key, raw in cur:
+                if len(out) >= limit or (out and size + len(raw) > max_bytes):
+                    break
+                try:
+                    out.append(_unpack(raw))
+                    size += len(raw)
+                except Exception as exc:
+                    self._quarantine_later.append(("queue", bytes(key), bytes(raw), f"does not decode: {exc}"))
+        self._flush_quarantine()
+        return out
+
+    def ack(self, run_ids: Iterable[str]) -> int:
+        """Delete acknowledged reports; unknown ids are ignored (an ack may arrive twice)."""
+        removed = 0
+        try:
+            with self._write() as txn:
+                used = self._get(txn, "meta", b"queue_bytes") or 0
+                for run_id in run_ids:
+                    key = txn.pop(str(run_id).encode(), db=self._db["runs"])
+                    if key is None:
+                        continue
+                    raw = txn.pop(key, db=self._db["queue"])
+                    if raw is not None:
+                        used -= len(raw)
+                        removed += 1
+                txn.put(b"queue_bytes", _pack(max(used, 0)), db=self._db["meta"])
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot delete acknowledged reports: {exc}") from exc
+        return removed
+
+    def queue_stats(self) -> QueueStats:
+        entries = runs = size = summarized = 0
+        oldest = newest = None
+        with self.env.begin() as txn:
+            for _key, raw in txn.cursor(db=self._db["queue"]):
+                entries += 1
+                size += len(raw)
+                try:
+                    entry = _unpack(raw)
+                except Exception:
+                    continue  # counted as an entry; pending()/check() quarantine it
+                if entry.get("kind") == SUMMARY:
+                    runs += entry["count"]
+                    summarized += entry["count"]
+                    first, last = entry["first_started_at"], entry["last_started_at"]
+                else:
+                    runs += 1
+                    first = last = entry.get("started_at")
+                if first is not None:
+                    oldest = first if oldest is None else min(oldest, first)
+                    newest = last if newest is None else max(newest, last)
+        return QueueStats(entries, runs, size, oldest, newest, summarized)
+
+    # --- inspection -------------------------------------------------------------------
+
+    def quarantined(self) -> list[dict[str, Any]]:
+        out = []
+        with self.env.begin() as txn:
+            for _key, raw in txn.cursor(db=self._db["quarantine"]):
+                try:
+                    record = _unpack(raw)
+                    out.append({"db": record["db"], "key": record["key"].decode(errors="replace") if isinstance(record["key"], bytes) else str(record["key"]), "reason": record["reason"], "at": record["at"]})
+                except Exception as exc:
+                    out.append({"db": "?", "key": "?", "reason": f"undecodable quarantine record: {exc}", "at": None})
+        return out
+
+    def check(self) -> list[str]:
+        """Decode every entry; return the problems found (empty means consistent)."""
+        problems: list[str] = []
+        with self.env.begin() as txn:
+            for name in _DBS:
+                for key, raw in txn.cursor(db=self._db[name]):
+                    if name == "runs":
+                        if txn.get(raw, db=self._db["queue"]) is None:
+                            problems.append(f"runs/{bytes(key).decode(errors='replace')} points at a missing queue entry")
+                        continue
+                    try:
+                        _unpack(raw)
+                    except Exception as exc:
+                        problems.append(f"{name}/{bytes(key)!r} does not decode: {exc}")
+            used = 0
+            for _key, raw in txn.cursor(db=self._db["queue"]):
+                used += len(raw)
+            recorded = txn.get(b"queue_bytes", db=self._db["meta"])
+            if recorded is not None and _unpack(recorded) != used:
+                problems.append(f"meta/queue_bytes says {_unpack(recorded)} but the queue holds {used}")
+        return problems
+
+
+def _check_not_older(bundle: Bundle, high_serial: int, high_term: int, current: dict[str, Any] | None) -> None:
+    if bundle.term < high_term:
+        raise BundleRefusedError(
+            f"refusing bundle {bundle.version} from term {bundle.term}: this envoy has already "
+            f"seen term {high_term} (a stale server cannot roll policy back)"
+        )
+    if bundle.serial < high_serial:
+        raise BundleRefusedError(
+            f"refusing bundle {bundle.version} serial {bundle.serial}: this envoy already accepted "
+            f"serial {high_serial} (bundles never go backwards)"
+        )
+    if (
+        current is not None
+        and bundle.serial == current.get("serial")
+        and bundle.version != current.get("version")
+        and bundle.term == current.get("term")
+    ):
+        raise BundleRefusedError(
+            f"refusing bundle {bundle.version} serial {bundle.serial}: serial {bundle.serial} was "
+            f"already accepted with different content ({current.get('version')}); rebuild with a higher serial"
+        )
+
+
+def _fold(summary: dict[str, Any] | None, report: dict[str, Any]) -> dict[str, Any]:
+    started = report.get("started_at") or 0.0
+    counts = report.get("counts") or {}
+    if summary is None:
+        summary = {
+            "kind": SUMMARY,
+            "run_id": f"summary-{uuid.uuid4().hex}",
+            "envoy_id": report.get("envoy_id"),
+            "count": 0,
+            "offline": 0,
+            "first_started_at": started,
+            "last_started_at": started,
+            "counts": {},
+            "bundle_versions": [],
+        }
+    summary["count"] += 1
+    summary["offline"] += 1 if report.get("offline") else 0
+    summary["first_started_at"] = min(summary["first_started_at"], started)
+    summary["last_started_at"] = max(summary["last_started_at"], started)
+    for status, n in counts.items():
+        summary["counts"][status] = summary["counts"].get(status, 0) + n
+    version = report.get("bundle_version")
+    if version and version not in summary["bundle_versions"]:
+        summary["bundle_versions"].append(version)
+    return summary
+
+
+def _merge_summaries(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(a)
+    merged["count"] = a["count"] + b["count"]
+    merged["offline"] = a.get("offline", 0) + b.get("offline", 0)
+    merged["first_started_at"] = min(a["first_started_at"], b["first_started_at"])
+    merged["last_started_at"] = max(a["last_started_at"], b["last_started_at"])
+    merged["counts"] = dict(a["counts"])
+    for status, n in b["counts"].items():
+        merged["counts"][status] = merged["counts"].get(status, 0) + n
+    merged["bundle_versions"] = list(dict.fromkeys([*a["bundle_versions"], *b["bundle_versions"]]))
+    return merged
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def state_dir_default() -> Path:
+    return Path(os.environ.get("VIGO_ENVOY_STATE_DIR", "/var/lib/vigo-envoy"))

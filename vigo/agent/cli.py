@@ -1,0 +1,220 @@
+"""`vigo-envoy`: the agent's command line.
+
+argparse, not Typer: the envoy installs with the base package only (no server extras) and
+starts fast on every run. One layer at the bottom (``main``) turns a VigoError into one line on
+stderr and its exit code; tracebacks are for bugs only (``-v`` shows them).
+
+Exit codes: 0 nothing failed · 2 some resource failed · 1 no run (bundle refused, no bundle,
+unreadable key, locked state dir) · 64 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import vigo
+from vigo.errors import VigoError
+
+EXIT_OK = 0
+EXIT_NO_RUN = 1
+EXIT_FAILED = 2
+EXIT_USAGE = 64
+
+STATE_DIR_DEFAULT = "/var/lib/vigo-envoy"
+TRAITS_DIR_DEFAULT = "/etc/vigo-envoy/traits.d"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's 2 would read as "a resource failed"
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="vigo-envoy",
+        description=(
+            "The vigo agent. Converges this host from a signed PolicyBundle, with or without a "
+            "server: the last verified bundle is cached and re-evaluated against fresh traits on "
+            "every run, and every run's report is queued durably until a server acknowledges it."
+        ),
+        epilog="Exit codes: 0 nothing failed, 2 some resource failed, 1 no run happened, 64 usage.",
+    )
+    parser.add_argument("--version", action="version", version=f"vigo-envoy {vigo.__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    state = argparse.ArgumentParser(add_help=False)
+    state.add_argument(
+        "--state-dir", type=Path,
+        default=Path(os.environ.get("VIGO_ENVOY_STATE_DIR", STATE_DIR_DEFAULT)),
+        help=f"the envoy's cache and keys (env VIGO_ENVOY_STATE_DIR; default {STATE_DIR_DEFAULT})",
+    )
+    traits_dir = argparse.ArgumentParser(add_help=False)
+    traits_dir.add_argument(
+        "--traits-dir", type=Path,
+        default=Path(os.environ.get("VIGO_ENVOY_TRAITS_DIR", TRAITS_DIR_DEFAULT)),
+        help=f"custom traits: *.yaml/*.json files and executables printing JSON (default {TRAITS_DIR_DEFAULT})",
+    )
+
+    apply = sub.add_parser(
+        "apply", parents=[state, traits_dir],
+        help="converge once from a bundle file or the cached bundle",
+        description=(
+            "Verify BUNDLE (if given) against the trusted key, refuse it if it is older than one "
+            "already accepted, cache it, collect traits, converge, and queue the report. Without "
+            "--bundle, the cached bundle is enforced (offline run)."
+        ),
+    )
+    apply.add_argument("--bundle", type=Path, help="a PolicyBundle file from `vigocli stack build`")
+    apply.add_argument("--trust", type=Path, help="the signing key's public half (KEY.pub); remembered in the cache")
+    apply.add_argument("--root", type=Path, help="resolve every managed path under this folder (tests, demos)")
+    apply.add_argument("--noop", action="store_true", help="change nothing; report what would change, with diffs")
+    apply.add_argument("--json", action="store_true", help="print the run report as one JSON object")
+    apply.add_argument("--diff", action="store_true", help="show content diffs (always shown with --noop)")
+
+    tr = sub.add_parser("traits", parents=[traits_dir], help="print this host's traits",
+                        description="Collect and print the traits a run would evaluate conditions against.")
+    tr.add_argument("--json", action="store_true", help="JSON instead of flattened key = value lines")
+
+    st = sub.add_parser("status", parents=[state], help="show the cache: bundle, queue, last run",
+                        description="Show the bundle in force, the results queue and the last run. Reads the cache without locking it.")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return _COMMANDS[args.command](args)
+    except VigoError as exc:
+        if args.verbose:
+            logging.getLogger("vigo").exception("command failed")
+        print(f"vigo-envoy {args.command}: {exc}", file=sys.stderr)
+        return EXIT_NO_RUN if exc.exit_code != 2 else EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from vigo.agent.runner import RunOptions, apply_once
+
+    report = apply_once(
+        RunOptions(
+            state_dir=args.state_dir, bundle_path=args.bundle, trust_path=args.trust,
+            root=args.root, noop=args.noop, traits_dir=args.traits_dir,
+        )
+    )
+    if args.json:
+        print(json.dumps(report, sort_keys=False))
+    else:
+        _print_report(report, show_diff=args.diff or args.noop)
+    return EXIT_FAILED if report["counts"]["failed"] else EXIT_OK
+
+
+def _print_report(report: dict[str, Any], *, show_diff: bool) -> None:
+    out = sys.stdout
+    counts = report["counts"]
+    mode = "noop run" if report["noop"] else "run"
+    out.write(
+        f"{mode} {report['run_id']}  bundle {report['bundle_version']} serial {report['serial']}"
+        f"  {report['duration_s']:.3f} s\n"
+    )
+    for pol in report["policies"]:
+        if pol.get("error"):
+            out.write(f"  policy {pol['name']}: FAILED {pol['error']}\n")
+        elif not pol["active"]:
+            out.write(f"  policy {pol['name']}: not applied ({pol.get('reason', '')})\n")
+    shown = [r for r in report["resources"] if r["status"] != "ok"]
+    if shown:
+        width = max(len(r["id"]) for r in shown)
+        for r in shown:
+            out.write(f"  {r['status']:<8} {r['id']:<{width}}  {r['message']}\n")
+            if show_diff and r.get("diff"):
+                for line in r["diff"].splitlines():
+                    out.write(f"           {line}\n")
+    out.write(
+        f"{counts['ok']} ok, {counts['changed']} {'would change' if report['noop'] else 'changed'}, "
+        f"{counts['failed']} failed, {counts['skipped']} skipped\n"
+    )
+
+
+def _cmd_traits(args: argparse.Namespace) -> int:
+    from vigo.agent.traits import collect
+
+    data = collect(args.traits_dir)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        for key, value in _flatten(data):
+            print(f"{key} = {json.dumps(value)}")
+    return EXIT_OK
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, dict) and data:
+        out = []
+        for key in sorted(data):
+            out.extend(_flatten(data[key], f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return [(prefix, data)]
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from vigo.agent.runner import status
+
+    info = status(args.state_dir)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return EXIT_OK
+    bundle, queue, last = info["bundle"], info["queue"], info["last_run"]
+    rows = [
+        ("envoy id", info["envoy_id"] or "-"),
+        ("state dir", info["state_dir"]),
+        ("bundle", f"{bundle['version']} serial {bundle['serial']} term {bundle['term']}, accepted {_ago(bundle['accepted_at'])}" if bundle else "none cached"),
+        ("highest serial/term", f"{info['highest_serial']} / {info['highest_term']}"),
+        ("queue depth", f"{queue['runs']} runs in {queue['entries']} entries, {queue['bytes']} bytes"
+         + (f" ({queue['summarized_runs']} folded into a summary)" if queue["summarized_runs"] else "")),
+        ("oldest queued report", _ago(queue["oldest_started_at"])),
+        ("last run", (f"{_ago(last['started_at'])}: " + ", ".join(f"{n} {k}" for k, n in last["counts"].items())
+                      + (" (noop)" if last["noop"] else "")) if last else "never"),
+        ("quarantined entries", str(len(info["quarantined"]))),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    for q in info["quarantined"]:
+        print(f"  quarantined {q['db']}/{q['key']}: {q['reason']}")
+    return EXIT_OK
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    delta = max(0.0, time.time() - ts)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    if delta < 120:
+        return f"{stamp} ({delta:.0f} s ago)"
+    if delta < 7200:
+        return f"{stamp} ({delta / 60:.0f} min ago)"
+    return f"{stamp} ({delta / 3600:.1f} h ago)"
+
+
+_COMMANDS = {"apply": _cmd_apply, "traits": _cmd_traits, "status": _cmd_status}
+
+if __name__ == "__main__":
+    sys.exit(main())

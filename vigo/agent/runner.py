@@ -1,0 +1,176 @@
+"""One run of the envoy, end to end: lock, trust, bundle, traits, converge, queue.
+
+The order is the offline-first promise in code: the bundle comes from the command line (or, in
+later issues, the server) *or* from the cache; traits are always fresh; the report is committed
+to the LMDB queue before anything else is done with it (printed, sent).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vigo.agent import engine, traits
+from vigo.agent.cache import DEFAULT_QUEUE_MAX_BYTES, Cache
+from vigo.agent.sealing import Sealer
+from vigo.errors import CacheLockedError, ConfigError, VigoError
+from vigo.policy import bundle as bundle_mod
+from vigo.policy.keys import load_public_key, parse_public_key, public_pem
+
+log = logging.getLogger("vigo.agent.runner")
+
+LOCK_FILE = "run.lock"
+
+
+@dataclass
+class RunOptions:
+    state_dir: Path
+    bundle_path: Path | None = None
+    trust_path: Path | None = None
+    root: Path | None = None
+    noop: bool = False
+    traits_dir: Path | None = None
+    offline: bool = False
+    queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@contextmanager
+def run_lock(state_dir: Path) -> Iterator[None]:
+    """Exclusive per state directory: two runs must never converge (or queue) at once."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise CacheLockedError(
+                f"another vigo-envoy run (pid {holder}) holds {state_dir / LOCK_FILE}; "
+                "wait for it to finish"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock, also when the process is killed
+
+
+def open_cache(state_dir: Path, *, readonly: bool = False, queue_max_bytes: int = DEFAULT_QUEUE_MAX_BYTES) -> Cache:
+    sealer = None if readonly else Sealer.for_state_dir(state_dir)
+    if not readonly:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Cache(state_dir, sealer=sealer, readonly=readonly, queue_max_bytes=queue_max_bytes)
+
+
+def apply_once(opts: RunOptions) -> dict[str, Any]:
+    """Converge once and queue the report; returns the report. Raises VigoError when no run
+    can happen (no trusted key, bundle refused, no bundle at all)."""
+    state_dir = opts.state_dir
+    with run_lock(state_dir):
+        sealer = Sealer.for_state_dir(state_dir)
+        with Cache(state_dir, sealer=sealer, queue_max_bytes=opts.queue_max_bytes) as cache:
+            trusted = _trusted_key(cache, opts.trust_path)
+            if opts.bundle_path is not None:
+                incoming = bundle_mod.decode(_read_bundle(opts.bundle_path), trusted, origin=str(opts.bundle_path))
+                cache.accept_bundle(incoming)  # raises BundleRefusedError on rollback
+            current = cache.bundle_in_force(trusted)
+            if current is None:
+                raise ConfigError(
+                    f"no bundle to enforce: the cache in {state_dir} holds none; "
+                    "pass --bundle FILE (or join a server)"
+                )
+            host_traits = traits.collect(opts.traits_dir)
+            cache.store_traits(host_traits)
+            report = engine.converge(
+                current,
+                host_traits,
+                root=opts.root,
+                noop=opts.noop,
+                envoy_id=cache.envoy_id,
+                offline=opts.offline,
+                env=opts.env,
+                digest=traits.traits_digest(host_traits),
+            )
+            cache.enqueue(report, last_run=last_run_summary(report))
+            log.info(
+                "run %s bundle %s serial %d: %s", report["run_id"], report["bundle_version"],
+                report["serial"], _counts_text(report["counts"]),
+            )
+            return report
+
+
+def _trusted_key(cache: Cache, trust_path: Path | None):
+    """The key bundles must be signed with: from --trust (remembered), else the remembered one."""
+    if trust_path is not None:
+        key = load_public_key(trust_path)
+        pem = public_pem(key)
+        if cache.meta("trusted_key") != pem:
+            if cache.meta("trusted_key") is not None:
+                log.warning("trusted bundle key replaced by %s", trust_path)
+            cache.set_meta("trusted_key", pem)
+        return key
+    pem = cache.meta("trusted_key")
+    if pem is None:
+        raise ConfigError(
+            "no trusted bundle key: pass --trust KEY.pub (the public half of the key the "
+            "bundles are signed with)"
+        )
+    return parse_public_key(pem, origin="trusted key in the envoy cache")
+
+
+def _read_bundle(path: Path) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > bundle_mod.MAX_BUNDLE_BYTES:
+            raise bundle_mod.BundleFormatError(
+                f"{path}: {size} bytes is over the {bundle_mod.MAX_BUNDLE_BYTES}-byte bundle limit"
+            )
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read bundle {path}: {exc.strerror or exc}") from exc
+
+
+def last_run_summary(report: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "run_id": report["run_id"],
+        "started_at": report["started_at"],
+        "duration_s": report["duration_s"],
+        "bundle_version": report["bundle_version"],
+        "serial": report["serial"],
+        "noop": report["noop"],
+        "offline": report["offline"],
+        "counts": report["counts"],
+    }
+
+
+def status(state_dir: Path) -> dict[str, Any]:
+    """What `vigo-envoy status` shows; reads the cache without taking the run lock."""
+    with Cache(state_dir, readonly=True) as cache:
+        stats = cache.queue_stats()
+        return {
+            "state_dir": str(state_dir),
+            "envoy_id": cache.meta("envoy_id"),
+            "bundle": cache.bundle_info("current"),
+            "previous_bundle": cache.bundle_info("previous"),
+            "highest_serial": cache.meta("highest_serial", 0),
+            "highest_term": cache.meta("highest_term", 0),
+            "queue": stats.as_dict(),
+            "last_run": cache.meta("last_run"),
+            "quarantined": cache.quarantined(),
+            "checked_at": time.time(),
+        }
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
+__all__ = ["RunOptions", "VigoError", "apply_once", "open_cache", "run_lock", "status"]

@@ -1,0 +1,1 @@
+"""`vigocli`, the operator's command line: one module per command group, one error layer."""

@@ -1,0 +1,63 @@
+"""The `vigocli` entry point and the one layer that turns VigoError into a message and an exit code.
+
+Command groups live one per module (``vigo/cli/stack.py`` ...) and are mounted here. Nothing in
+this package imports Ray at import time: commands that work offline (`stack build`,
+`stack keygen`) must never start or even load it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+try:
+    import typer
+except ImportError:  # the envoy-only install has no typer
+    typer = None
+
+
+def _app():
+    from vigo.cli import stack
+
+    app = typer.Typer(
+        name="vigocli",
+        help="Operate vigo: build and sign policy stacks (more command groups arrive with the server).",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.add_typer(stack.app, name="stack")
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    if typer is None:
+        print(
+            "vigocli needs the server extras: pip install 'vigo[server]' "
+            "(the envoy alone installs with plain `pip install vigo`)",
+            file=sys.stderr,
+        )
+        return 1
+    from vigo.errors import VigoError
+
+    try:
+        _app()(args=argv, prog_name="vigocli", standalone_mode=False)
+    except VigoError as exc:
+        print(f"vigocli: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        print("vigocli: aborted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return 64 if isinstance(exc, click.UsageError) else exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
