@@ -39,7 +39,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from vigo.errors import (
     BundleError,
     BundleRefusedError,
-    CacheCorruptError,
     CacheError,
     SecretError,
 )

@@ -107,7 +107,7 @@ def _check_kind(kind: str, value: Any) -> bool:
     if kind == MODE:
         return isinstance(value, str) and bool(_MODE_RE.match(value))
     if kind == COMMAND:
-        return isinstance(value, str) and bool(value.strip()) or (
+        return (isinstance(value, str) and bool(value.strip())) or (
             isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value)
         )
     raise AssertionError(f"unknown schema kind {kind!r}")
