@@ -16,7 +16,9 @@ from vigo.policy.schema import validate_resource
 
 def make(command: Any, **attrs: Any) -> Exec:
     """An Exec with schema-validated, default-filled attributes, as the engine would build it."""
-    full = validate_resource("exec", "test", {"command": command, **attrs}, file="t.yaml", policy="t")
+    full = validate_resource(
+        "exec", "test", {"command": command, **attrs}, file="t.yaml", policy="t"
+    )
     return Exec("test", full)
 
 

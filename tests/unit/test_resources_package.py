@@ -108,7 +108,9 @@ def test_provider_follows_os_family(tmp_path: Path) -> None:
     empty.mkdir()
     ctx = RunContext(env={"PATH": str(empty)}, traits=DEBIAN)
     out = make("nginx").apply(ctx)
-    assert out.message == "package provider 'apt' needs apt-get/dpkg-query, which is not on this host"
+    assert (
+        out.message == "package provider 'apt' needs apt-get/dpkg-query, which is not on this host"
+    )
     ctx.traits = {"os": {"family": "redhat"}}
     assert "'dnf'" in make("nginx").apply(ctx).message
     ctx.traits = {"os": {"family": "alpine"}}
@@ -158,8 +160,8 @@ def build_wheel(folder: Path, name: str, version: str) -> Path:
             f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
         ).encode(),
         f"{dist_info}/WHEEL": (
-            "Wheel-Version: 1.0\nGenerator: vigo-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        ).encode(),
+            b"Wheel-Version: 1.0\nGenerator: vigo-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
     record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items())
     record += f"{dist_info}/RECORD,,\n"

@@ -135,7 +135,7 @@ class Cache:
         try:
             return _unpack(raw)
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            self._quarantine_later.append((db, key, bytes(raw), f"does not decode as msgpack: {exc}"))
+            self._quarantine_later.append((db, key, bytes(raw), f"does not decode as msgpack: {_why(exc)}"))
             return None
 
     def _flush_quarantine(self) -> None:
@@ -148,16 +148,44 @@ class Cache:
                 self.quarantine(db, key, raw, reason)
 
     def quarantine(self, db: str, key: bytes, raw: bytes | None, reason: str) -> None:
-        """Move a bad entry aside (kept for inspection) and say so in the log."""
+        """Move a bad entry aside (kept for inspection) and say so in the log.
+
+        The entry is deleted only if it still holds ``raw``: quarantine runs after the
+        transaction that found the bad value, which may already have replaced it with a good one
+        (a newly accepted bundle over a corrupt "current", a fresh envoy id, a queue summary).
+        A queue entry takes its run-index entries and its share of meta/queue_bytes with it.
+        """
         log.warning("cache entry %s/%s quarantined: %s", db, key.decode(errors="replace"), reason)
         record = {"db": db, "key": key, "raw": raw, "reason": reason, "at": time.time()}
         qkey = f"{time.time():.6f}:{db}:{key.hex()}".encode()
         try:
             with self._write() as txn:
                 txn.put(qkey, _pack(record), db=self._db["quarantine"])
-                txn.delete(key, db=self._db[db])
+                stored = txn.get(key, db=self._db[db])
+                if stored is not None and (raw is None or bytes(stored) == raw):
+                    txn.delete(key, db=self._db[db])
+                if db == "queue":
+                    self._repair_queue_index(txn, key)
         except lmdb.Error as exc:
             raise CacheError(f"cannot quarantine cache entry {db}/{key!r}: {exc}") from exc
+
+    def _repair_queue_index(self, txn: lmdb.Transaction, key: bytes) -> None:
+        """After a bad queue entry was moved aside: drop run-index entries that point at its key
+        (unless a good entry now there is theirs) and recount meta/queue_bytes. Rare, so a full
+        scan is fine."""
+        runs, queue = self._db["runs"], self._db["queue"]
+        now = txn.get(key, db=queue)
+        keep = None
+        if now is not None:
+            try:
+                entry = _unpack(now)
+                keep = str(entry["run_id"]).encode() if isinstance(entry, dict) else None
+            except Exception:
+                keep = None
+        stale = [bytes(k) for k, v in txn.cursor(db=runs) if bytes(v) == key and bytes(k) != keep]
+        for run_key in stale:
+            txn.delete(run_key, db=runs)
+        txn.put(b"queue_bytes", _pack(_queue_bytes(txn, self._db["queue"])), db=self._db["meta"])
 
     def _ensure_identity(self) -> None:
         self._quarantine_later = []
@@ -205,6 +233,10 @@ class Cache:
                 high_serial = self._get(txn, "meta", b"highest_serial") or 0
                 high_term = self._get(txn, "meta", b"highest_term") or 0
                 current = self._get(txn, "bundles", b"current")
+                if current is not None and not isinstance(current, dict):
+                    raw = bytes(txn.get(b"current", db=self._db["bundles"]))
+                    self._quarantine_later.append(("bundles", b"current", raw, "cached bundle is not a map"))
+                    current = None
                 _check_not_older(bundle, high_serial, high_term, current)
                 if current is not None and current.get("version") == bundle.version and current.get("serial") == bundle.serial:
                     return False
@@ -242,6 +274,8 @@ class Cache:
         self._quarantine_later = []
         with self.env.begin() as txn:
             entry = self._get(txn, "bundles", slot.encode())
+            stored = txn.get(slot.encode(), db=self._db["bundles"])
+            stored = None if stored is None else bytes(stored)
         self._flush_quarantine()
         if entry is None:
             return None
@@ -258,7 +292,11 @@ class Cache:
                 origin=f"cached {slot} bundle",
             )
         except (BundleError, SecretError, KeyError, TypeError, AttributeError) as exc:
-            self.quarantine("bundles", slot.encode(), _pack(entry), f"cached bundle unusable: {exc}")
+            reason = f"cached bundle unusable: {_why(exc)}"
+            if self.readonly:
+                log.warning("cache entry bundles/%s is unusable: %s", slot, reason)
+            else:
+                self.quarantine("bundles", slot.encode(), stored, reason)
             return None
 
     def bundle_in_force(self, trusted: Ed25519PublicKey) -> Bundle | None:
@@ -309,9 +347,12 @@ class Cache:
                 cur = txn.cursor(db=queue)
                 seq = _SEQ.unpack(cur.key())[0] + 1 if cur.last() else 1
                 key = _SEQ.pack(seq)
+                used = self._get(txn, "meta", b"queue_bytes")
+                if not isinstance(used, int):  # missing (first report) or unreadable: recount
+                    used = _queue_bytes(txn, queue)
                 txn.put(key, raw, db=queue)
                 txn.put(run_id.encode(), key, db=self._db["runs"])
-                used = (self._get(txn, "meta", b"queue_bytes") or 0) + len(raw)
+                used += len(raw)
                 if used > self.queue_max_bytes:
                     used = self._compact(txn, used)
                 txn.put(b"queue_bytes", _pack(used), db=self._db["meta"])
@@ -345,8 +386,10 @@ class Cache:
             try:
                 entry = _unpack(raw)
             except Exception as exc:
-                self._quarantine_later.append(("queue", key, raw, f"does not decode: {exc}"))
+                self._quarantine_later.append(("queue", key, raw, f"does not decode: {_why(exc)}"))
                 entry = None
+            if entry is not None and not isinstance(entry, dict):
+                self._quarantine_later.append(("queue", key, raw, "queue entry is not a map"))
             if isinstance(entry, dict) and entry.get("kind") == SUMMARY:
                 summary = entry if summary is None else _merge_summaries(summary, entry)
             elif isinstance(entry, dict):
@@ -380,10 +423,15 @@ class Cache:
                 if len(out) >= limit or (out and size + len(raw) > max_bytes):
                     break
                 try:
-                    out.append(_unpack(raw))
-                    size += len(raw)
+                    entry = _unpack(raw)
                 except Exception as exc:
-                    self._quarantine_later.append(("queue", bytes(key), bytes(raw), f"does not decode: {exc}"))
+                    self._quarantine_later.append(("queue", bytes(key), bytes(raw), f"does not decode: {_why(exc)}"))
+                    continue
+                if not isinstance(entry, dict):
+                    self._quarantine_later.append(("queue", bytes(key), bytes(raw), "queue entry is not a map"))
+                    continue
+                out.append(entry)
+                size += len(raw)
         self._flush_quarantine()
         return out
 
@@ -392,7 +440,9 @@ class Cache:
         removed = 0
         try:
             with self._write() as txn:
-                used = self._get(txn, "meta", b"queue_bytes") or 0
+                used = self._get(txn, "meta", b"queue_bytes")
+                if not isinstance(used, int):
+                    used = _queue_bytes(txn, self._db["queue"])
                 for run_id in run_ids:
                     key = txn.pop(str(run_id).encode(), db=self._db["runs"])
                     if key is None:
@@ -417,10 +467,14 @@ class Cache:
                     entry = _unpack(raw)
                 except Exception:
                     continue  # counted as an entry; pending()/check() quarantine it
+                if not isinstance(entry, dict):
+                    continue  # likewise
                 if entry.get("kind") == SUMMARY:
-                    runs += entry["count"]
-                    summarized += entry["count"]
-                    first, last = entry["first_started_at"], entry["last_started_at"]
+                    count = entry.get("count")
+                    count = count if isinstance(count, int) else 0
+                    runs += count
+                    summarized += count
+                    first, last = entry.get("first_started_at"), entry.get("last_started_at")
                 else:
                     runs += 1
                     first = last = entry.get("started_at")
@@ -453,16 +507,31 @@ class Cache:
                             problems.append(f"runs/{bytes(key).decode(errors='replace')} points at a missing queue entry")
                         continue
                     try:
-                        _unpack(raw)
+                        value = _unpack(raw)
                     except Exception as exc:
-                        problems.append(f"{name}/{bytes(key)!r} does not decode: {exc}")
-            used = 0
-            for _key, raw in txn.cursor(db=self._db["queue"]):
-                used += len(raw)
+                        problems.append(f"{name}/{bytes(key)!r} does not decode: {_why(exc)}")
+                        continue
+                    if name == "queue" and not isinstance(value, dict):
+                        problems.append(f"queue/{bytes(key)!r} is not a map")
+            used = _queue_bytes(txn, self._db["queue"])
             recorded = txn.get(b"queue_bytes", db=self._db["meta"])
-            if recorded is not None and _unpack(recorded) != used:
-                problems.append(f"meta/queue_bytes says {_unpack(recorded)} but the queue holds {used}")
+            try:
+                recorded_bytes = None if recorded is None else _unpack(recorded)
+            except Exception:
+                recorded_bytes = None  # reported above as not decoding
+            if recorded_bytes is not None and recorded_bytes != used:
+                problems.append(f"meta/queue_bytes says {recorded_bytes} but the queue holds {used}")
         return problems
+
+
+def _queue_bytes(txn: lmdb.Transaction, queue: Any) -> int:
+    return sum(len(raw) for _key, raw in txn.cursor(db=queue))
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as text, never empty (some msgpack errors carry no message)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _check_not_older(bundle: Bundle, high_serial: int, high_term: int, current: dict[str, Any] | None) -> None:

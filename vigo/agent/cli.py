@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             logging.getLogger("vigo").exception("command failed")
         print(f"vigo-envoy {args.command}: {exc}", file=sys.stderr)
-        return EXIT_NO_RUN if exc.exit_code != 2 else EXIT_USAGE
+        return EXIT_NO_RUN  # every VigoError here means no run happened
     except KeyboardInterrupt:
         return 130
 

@@ -20,7 +20,7 @@ from typing import Any
 from vigo.agent import engine, traits
 from vigo.agent.cache import DEFAULT_QUEUE_MAX_BYTES, Cache
 from vigo.agent.sealing import Sealer
-from vigo.errors import CacheLockedError, ConfigError, VigoError
+from vigo.errors import BundleError, CacheLockedError, ConfigError, VigoError
 from vigo.policy import bundle as bundle_mod
 from vigo.policy.keys import load_public_key, parse_public_key, public_pem
 
@@ -82,8 +82,8 @@ def apply_once(opts: RunOptions) -> dict[str, Any]:
                 incoming = bundle_mod.decode(_read_bundle(opts.bundle_path), trusted, origin=str(opts.bundle_path))
                 cache.accept_bundle(incoming)  # raises BundleRefusedError on rollback
             current = cache.bundle_in_force(trusted)
-            if current is None:
-                raise ConfigError(
+            if current is None:  # a "no run" (exit 1), not a command-line error (ConfigError: 64)
+                raise BundleError(
                     f"no bundle to enforce: the cache in {state_dir} holds none; "
                     "pass --bundle FILE (or join a server)"
                 )

@@ -8,7 +8,9 @@ resource idempotent: a second run reads the converged state and reports ``ok``.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -118,6 +120,8 @@ class CommandResult:
     stdout: str
     stderr: str
     duration_s: float
+    #: Killed by the timeout (its return code then reads 124, as coreutils' ``timeout``).
+    timed_out: bool = False
 
     @property
     def ok(self) -> bool:
@@ -150,33 +154,39 @@ def run_command(
     """
     started = time.monotonic()
     try:
-        proc = subprocess.run(
+        # A session of its own, so a timeout kills the whole process group: `sh -c 'sleep 9'`
+        # must not leave the sleep running after the resource was reported failed.
+        proc = subprocess.Popen(
             argv,
             shell=shell,
             cwd=cwd,
             env=ctx.command_env(env),
-            input=input_text,
-            capture_output=True,
+            stdin=subprocess.PIPE if input_text is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            timeout=timeout_s,
-            check=False,
+            start_new_session=True,
         )
     except FileNotFoundError as exc:
         tool = argv if isinstance(argv, str) else argv[0]
         raise ProviderMissingError(f"cannot run {tool!r}: not found on this host") from exc
-    except subprocess.TimeoutExpired as exc:
+    try:
+        stdout, stderr = proc.communicate(input_text, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        stdout, stderr = proc.communicate()
         return CommandResult(
-            argv,
-            124,
-            _text(exc.stdout),
-            _text(exc.stderr) + f"\n(killed after {timeout_s:g} s timeout)",
-            time.monotonic() - started,
+            argv, 124, stdout or "", (stderr or "") + f"\n(killed after {timeout_s:g} s timeout)",
+            time.monotonic() - started, timed_out=True,
         )
-    return CommandResult(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return CommandResult(argv, proc.returncode, stdout, stderr, time.monotonic() - started)
 
 
-def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    return data if isinstance(data, str) else data.decode(errors="replace")
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -97,7 +97,7 @@ class Exec(Resource):
 
     def _guard(self, which: str, command: str | list[str], ctx: RunContext) -> CommandResult:
         result = self._run(command, ctx)
-        if _timed_out(result, self._timeout_s()):
+        if result.timed_out:
             # A hung check says nothing about the host; running the command anyway could
             # repeat work the check was there to prevent.
             raise ResourceError(f"guard {which} did not finish: {result.describe()}")
@@ -143,12 +143,6 @@ def _show(command: Any) -> str:
     if len(text) > SHOWN_COMMAND_CHARS:
         text = text[: SHOWN_COMMAND_CHARS - 3] + "..."
     return text
-
-
-def _timed_out(result: CommandResult, timeout_s: float) -> bool:
-    # run_command reports a kill by timeout as exit 124 after the full timeout elapsed; a
-    # command that exits 124 on its own does so (almost always) well before that.
-    return result.returncode == 124 and result.duration_s >= timeout_s
 
 
 RESOURCE = Exec

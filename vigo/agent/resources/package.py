@@ -68,8 +68,14 @@ class Provider:
     def _run(
         self, argv: list[str], ctx: RunContext, env: dict[str, str] | None = None
     ) -> CommandResult:
-        # Stdin at EOF: an unexpected prompt ends the command instead of waiting forever.
-        return run_command(argv, ctx, env=env, input_text="")
+        try:
+            # Stdin at EOF: an unexpected prompt ends the command instead of waiting forever.
+            return run_command(argv, ctx, env=env, input_text="")
+        except ResourceError:
+            raise
+        except OSError as exc:
+            # The tool is there but cannot be run (permissions, broken binary): host trouble.
+            raise ResourceError(f"cannot run `{argv[0]}`: {exc}") from exc
 
 
 class Apt(Provider):
@@ -261,7 +267,7 @@ class Package(Resource):
         plan = self._plan(provider, installed)
         if plan is None:
             if installed is None:
-                return Outcome(OK, f"{self.name} is absent")
+                return Outcome(OK, ctx.redact(f"{self.name} is absent"))
             return Outcome(OK, ctx.redact(f"{self.name} {installed} is installed"))
         verb, what, change = plan
         if ctx.noop:
@@ -287,8 +293,10 @@ class Package(Resource):
                 ctx.redact(f"{verb} {what}: `{provider.name}` reported success but found {got}"),
             )
         done = {"install": "installed", "change": "changed", "remove": "removed"}[verb]
-        shown = f"{self.name} {now}" if verb == "install" else what
-        return Outcome(CHANGED, ctx.redact(f"{done} {shown}"), changes=[change])
+        if verb == "install":
+            # Say the version that arrived, also when none was pinned.
+            what, change = f"{self.name} {now}", f"installed {now}"
+        return Outcome(CHANGED, ctx.redact(f"{done} {what}"), changes=[change])
 
     def _plan(self, provider: Provider, installed: str | None) -> tuple[str, str, str] | None:
         """What to do: (verb, what, short change name), or None when already converged."""

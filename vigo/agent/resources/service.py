@@ -3,7 +3,8 @@
 Read is ``systemctl is-active`` / ``systemctl is-enabled`` (only the ones the policy asks
 about); change is ``start``/``stop`` then ``enable``/``disable``, only for what differs. Under
 ``--noop`` the reads run and the report says "would start, enable". ``refresh`` (a notify from,
-say, the unit's config file) restarts a service whose desired state is running.
+say, the unit's config file) restarts a service whose desired state is running, unless this
+run's apply has just started it (the fresh process already reads the new configuration).
 
 Hosts without a working systemd fail the resource with systemctl's own words rather than
 pretending: a container often has the systemctl binary but no systemd as PID 1, and then
@@ -37,6 +38,10 @@ PAST = {"start": "started", "stop": "stopped", "enable": "enabled", "disable": "
 
 class Service(Resource):
     type: ClassVar[str] = "service"
+
+    #: Set when this run's apply started (or, under noop, would start) the unit: a refresh
+    #: right after would restart a process that already read the new configuration.
+    _started = False
 
     def read(self, ctx: RunContext) -> dict[str, object]:
         """What systemd says, only where the policy asks; None where it is silent.
@@ -74,9 +79,10 @@ class Service(Resource):
         except ResourceError as exc:
             return Outcome(FAILED, ctx.redact(str(exc)))
         if not actions:
-            return Outcome(OK, self._describe(current))
+            return Outcome(OK, ctx.redact(self._describe(current)))
+        self._started = "start" in actions
         if ctx.noop:
-            return Outcome(CHANGED, "would " + ", ".join(actions), changes=actions)
+            return Outcome(CHANGED, ctx.redact("would " + ", ".join(actions)), changes=actions)
 
         done: list[str] = []
         for verb in actions:
@@ -89,11 +95,11 @@ class Service(Resource):
             if not result.ok:
                 return Outcome(FAILED, ctx.redact(_after(done, result.describe())))
             done.append(verb)
-        return Outcome(CHANGED, ", ".join(PAST[v] for v in done), changes=done)
+        return Outcome(CHANGED, ctx.redact(", ".join(PAST[v] for v in done)), changes=done)
 
     def refresh(self, ctx: RunContext) -> Outcome | None:
         # Only a service meant to run is restarted; restarting a stopped one would start it.
-        if self.attrs.get("state") != "running":
+        if self.attrs.get("state") != "running" or self._started:
             return None
         if ctx.noop:
             return Outcome(CHANGED, "would restart", changes=["restart"])
@@ -138,7 +144,14 @@ class Service(Resource):
         return ", ".join(parts)
 
     def _systemctl(self, verb: str, ctx: RunContext) -> CommandResult:
-        result = run_command(["systemctl", verb, self.name], ctx, input_text="")
+        try:
+            # Stdin at EOF: nothing may wait for a password prompt.
+            result = run_command(["systemctl", verb, self.name], ctx, input_text="")
+        except ResourceError:
+            raise
+        except OSError as exc:
+            # systemctl present but not runnable (permissions, broken binary): host trouble.
+            raise ResourceError(f"cannot run `systemctl {verb} {self.name}`: {exc}") from exc
         output = result.stdout + result.stderr
         if any(marker in output for marker in NO_SYSTEMD_MARKERS):
             said = next(
