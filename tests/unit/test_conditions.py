@@ -472,7 +472,7 @@ NAMES = ["a", "b", "c"]
 KEYWORDS = {"and", "or", "not", "in", "true", "false", "null"}
 REGEX_ATOMS = ["a", "b", ".", "^", "$", "[ab]", r"\d", r"\.", "x*", "(a|b)", "c?", r"\w+"]
 COMPARE_OPS = ["==", "!=", "<", "<=", ">", ">=", "in", "not in"]
-FAST = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _quote(text: str) -> str:
