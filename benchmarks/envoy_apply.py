@@ -429,7 +429,9 @@ def cf_workdir(path: Path) -> Path:
 
 
 def repairs(proc: Proc) -> int:
-    return sum(1 for line in (proc.stdout + proc.stderr).splitlines() if "info:" in line)
+    """Promises repaired, from -I output (one "info:" line each, besides the workdir notice)."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return sum(1 for line in lines if "info:" in line and "Setting workdir" not in line)
 
 
 # --------------------------------------------------------------------------------------------
