@@ -15,7 +15,7 @@ The stack is generated in a temporary folder and built with ``vigocli stack keyg
   mode 0644.
 
 Scenarios, each repeated ``--repeat`` times with a fresh root and state dir (after one unmeasured
-warm-up pair that pays for .pyc files and the page cache):
+warm-up run that fills the page cache and a private .pyc cache, see ``python_env``):
 
 * ``first``: apply to an empty root, every file and directory is created;
 * ``unchanged``: apply the same bundle again, nothing may change.
@@ -304,7 +304,7 @@ def run_measured(argv: list[str], *, env: dict[str, str] | None = None) -> Proc:
         err.seek(0)
         return Proc(
             wall_s=wall,
-            maxrss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
+            maxrss_mb=usage.ru_maxrss / 1024,  # KiB on Linux; "MB" here means MiB
             returncode=proc.returncode,
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
@@ -319,13 +319,43 @@ def must(ok: bool, message: str, proc: Proc | None = None) -> None:
         raise BenchmarkError(message + detail)
 
 
+REPO_VENV_BIN = Path(__file__).resolve().parent.parent / ".venv" / "bin"
+
+
 def tool(name: str) -> str:
-    """``name`` next to this interpreter (the venv's), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
+    """``name`` next to this interpreter, else in the checkout's .venv, else on PATH."""
+    for folder in (Path(sys.executable).parent, REPO_VENV_BIN):
+        if (folder / name).exists():
+            return str(folder / name)
+    found = shutil.which(name)
     if found is None:
-        raise BenchmarkError(f"{name} not found next to {sys.executable} nor on PATH")
+        raise BenchmarkError(f"{name} not found next to {sys.executable}, in {REPO_VENV_BIN} nor on PATH")
     return found
+
+
+def envoy_python() -> str:
+    """The interpreter `vigo-envoy` runs under (its shebang), so that import times are the
+    envoy's even when this script is started with another Python."""
+    with open(tool("vigo-envoy"), "rb") as f:
+        first = f.readline().decode(errors="replace").strip()
+    shebang = first[2:].strip() if first.startswith("#!") else ""
+    return shebang if shebang and " " not in shebang and Path(shebang).exists() else sys.executable
+
+
+def python_env(tmp: Path, *, bytecode_cache: bool) -> dict[str, str]:
+    """Environment for the Python children (vigocli, vigo-envoy, import timing).
+
+    A host gets vigo from pip, which writes .pyc files at install time. A development shell
+    may set PYTHONDONTWRITEBYTECODE (this one's sandbox does), and then every envoy process
+    recompiles every vigo module from source, about 70 ms per run. By default the children
+    share a bytecode cache in the temp folder instead (filled by the warm-up run), which is
+    what an installed envoy sees, and the checkout gets no __pycache__ folders.
+    """
+    env = dict(os.environ)
+    if bytecode_cache:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
+    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,26 +367,28 @@ class Built:
     bundle: Path
     public_key: Path
     build_s: float
+    env: dict[str, str]  # for every Python child that follows
 
 
-def build_bundle(tmp: Path, stack: Path) -> Built:
+def build_bundle(tmp: Path, stack: Path, env: dict[str, str]) -> Built:
     vigocli = tool("vigocli")
     key = tmp / "bench.key"
-    proc = run_measured([vigocli, "stack", "keygen", "--out", str(key)])
+    proc = run_measured([vigocli, "stack", "keygen", "--out", str(key)], env=env)
     must(proc.returncode == 0, "vigocli stack keygen failed", proc)
     bundle = tmp / "bench.bundle"
     proc = run_measured(
-        [vigocli, "stack", "build", str(stack), "--signing-key", str(key), "--out", str(bundle), "--json"]
+        [vigocli, "stack", "build", str(stack), "--signing-key", str(key), "--out", str(bundle), "--json"],
+        env=env,
     )
     must(proc.returncode == 0, "vigocli stack build failed", proc)
-    return Built(bundle, key.with_name(key.name + ".pub"), proc.wall_s)
+    return Built(bundle, key.with_name(key.name + ".pub"), proc.wall_s, env)
 
 
 def vigo_apply(built: Built, root: Path, state: Path, traits_dir: Path) -> tuple[Proc, dict[str, Any]]:
     proc = run_measured([
         tool("vigo-envoy"), "apply", "--bundle", str(built.bundle), "--trust", str(built.public_key),
         "--root", str(root), "--state-dir", str(state), "--traits-dir", str(traits_dir), "--json",
-    ])
+    ], env=built.env)
     must(proc.returncode == 0, "vigo-envoy apply did not exit 0", proc)
     try:
         report = json.loads(proc.stdout)
@@ -365,7 +397,7 @@ def vigo_apply(built: Built, root: Path, state: Path, traits_dir: Path) -> tuple
     return proc, report
 
 
-def check_vigo_report(report: dict[str, Any], plan: Plan, *, first: bool, proc: Proc) -> None:
+def check_vigo_report(report: dict[str, Any], plan: Plan, *, first: bool, proc: Proc | None = None) -> None:
     counts = report["counts"]
     total = plan.files + len(plan.directories)
     files_changed = sum(1 for r in report["resources"] if r["type"] == "file" and r["status"] == "changed")
@@ -438,12 +470,12 @@ def repairs(proc: Proc) -> int:
 # Import time
 
 
-def import_times(statement: str, rounds: int) -> list[float]:
+def import_times(statement: str, rounds: int, env: dict[str, str]) -> list[float]:
     """Seconds to run ``statement`` first thing in a fresh interpreter (startup excluded)."""
     code = f"import time\nt = time.perf_counter()\n{statement}\nprint(time.perf_counter() - t)"
     samples = []
     for _ in range(rounds):
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        done = subprocess.run([envoy_python(), "-c", code], capture_output=True, text=True, check=False, env=env)
         must(done.returncode == 0, f"{statement!r} failed: {done.stderr[-2000:]}")
         samples.append(float(done.stdout.strip()))
     return samples
@@ -484,7 +516,7 @@ def profile(built: Built, plan: Plan, tmp: Path) -> None:
         report = apply_once(opts)
         prof.disable()
         elapsed = time.perf_counter() - start
-        check_vigo_report(report, plan, first=label == "first", proc=Proc(elapsed, 0, 0, "", ""))
+        check_vigo_report(report, plan, first=label == "first")
         print(f"\n=== cProfile, {label} run in-process ({elapsed:.3f} s with profiling), top 15 cumulative")
         pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(15)
 
@@ -502,8 +534,14 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="first/unchanged pairs per tool, each with a fresh root (default 5)")
     parser.add_argument("--files", type=int, default=1000, help="templated file resources, spread over 10 policies (default 1000)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (stacks, bundles, roots) and print its path")
-    parser.add_argument("--profile", action="store_true", help="also cProfile one first and one unchanged run in-process (top 15 cumulative)")
+    parser.add_argument("--profile", action="store_true", help="also cProfile one first and one unchanged run in this process (top 15 cumulative; needs vigo's dependencies in this interpreter)")
     parser.add_argument("--no-cfengine", action="store_true", help="skip the cf-agent comparison even when it is installed")
+    parser.add_argument(
+        "--no-bytecode-cache", action="store_true",
+        help="run Python children with the inherited environment; with PYTHONDONTWRITEBYTECODE "
+             "set, vigo's modules are then compiled from source in every run (default: a "
+             ".pyc cache in the temp folder, as on an installed host)",
+    )
     args = parser.parse_args()
     if args.repeat < 1 or args.files < 1:
         parser.error("--repeat and --files must be at least 1")
@@ -533,10 +571,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     stack = tmp / "stack"
     write_vigo_stack(stack, plan)
     log(f"stack: {len(plan.policies)} policies, {args.files} files, {len(plan.directories)} directories in {stack}")
-    built = build_bundle(tmp, stack)
+    built = build_bundle(tmp, stack, python_env(tmp, bytecode_cache=not args.no_bytecode_cache))
     log(f"built {built.bundle} ({built.bundle.stat().st_size} bytes) in {built.build_s:.2f} s")
 
-    # Warm-up pair, not measured: the first envoy process on a checkout writes .pyc files.
+    # Warm-up run, not measured: it fills the bytecode cache and the page cache.
     vigo_apply(built, tmp / "warm-root", tmp / "warm-state", traits_dir)
     reference: dict[str, tuple[bytes, int]] = {}
     vigo_runs: dict[str, list[Proc]] = {"first": [], "unchanged": []}
@@ -583,11 +621,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         log("cf-agent not installed (or --no-cfengine): no comparison")
 
     log("import times (5 fresh interpreters each)")
+    import_times(f"import {APPLY_IMPORTS}", 1, built.env)  # warm-up, as above
     imports = {
-        "import vigo.agent": summary(import_times("import vigo.agent", 5)),
-        f"import {APPLY_IMPORTS}": summary(import_times(f"import {APPLY_IMPORTS}", 5)),
+        "import vigo.agent": summary(import_times("import vigo.agent", 5, built.env)),
+        f"import {APPLY_IMPORTS}": summary(import_times(f"import {APPLY_IMPORTS}", 5, built.env)),
     }
-    startup = summary([run_measured([sys.executable, "-c", "pass"]).wall_s for _ in range(5)])
+    startup = summary([run_measured([envoy_python(), "-c", "pass"], env=built.env).wall_s for _ in range(5)])
 
     if args.profile:
         profile(built, plan, tmp)
@@ -624,6 +663,8 @@ def assemble(
             "python": sys.version.split()[0],
             "vigo": vigo.__version__,
             "cf_agent": cf_version(cf_agent) if cf_agent else None,
+            # Other work on the machine shows up as spread between repeats; this says how busy it was.
+            "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         },
         "parameters": {
             "repeat": args.repeat,
@@ -636,6 +677,7 @@ def assemble(
             "resource_when": RESOURCE_WHEN,
             "bundle_bytes": built.bundle.stat().st_size,
             "build_s": round(built.build_s, 4),
+            "bytecode_cache": not args.no_bytecode_cache,
         },
         "vigo": vigo_fig,
         "imports_s": imports,
@@ -677,14 +719,16 @@ def print_table(res: dict[str, Any]) -> None:
         f"\nvigo-envoy apply: {p['files']} templated files in {p['policies']} policies "
         f"(+{p['directories']} directories), {p['repeat']} repeats, fresh process per run"
     )
-    print(f"machine: {res['machine']['cpus']} cpus, Python {res['machine']['python']}, "
-          f"vigo {res['machine']['vigo']}, {res['machine']['cf_agent'] or 'no cf-agent'}")
-    print(f"bundle: {p['bundle_bytes']} bytes, built in {p['build_s']:.2f} s\n")
+    m = res["machine"]
+    print(f"machine: {m['cpus']} cpus, load {'/'.join(map(str, m['loadavg_at_end']))}, Python {m['python']}, "
+          f"vigo {m['vigo']}, {m['cf_agent'] or 'no cf-agent'}")
+    print(f"bundle: {p['bundle_bytes']} bytes, built in {p['build_s']:.2f} s; "
+          f"Python bytecode cache {'on' if p['bytecode_cache'] else 'as inherited'}\n")
 
     def cell(fig: dict[str, Any], unit: str) -> str:
         return f"{fig['median']:7.3f} {unit} [{fig['min']:.3f}-{fig['max']:.3f}]"
 
-    header = f"{'':24}{'vigo-envoy (median [min-max])':34}{'cf-agent' if cf else '':34}vigo/cf"
+    header = f"{'':24}{'vigo-envoy (median [min-max])':34}" + (f"{'cf-agent':34}vigo/cf" if cf else "")
     print(header)
     print("-" * len(header))
     rows = [
@@ -696,7 +740,8 @@ def print_table(res: dict[str, Any]) -> None:
     for title, label, metric, unit, key in rows:
         other = cell(cf[label][metric], unit) if cf else ""
         r = ratios.get(key)
-        print(f"{title:24}{cell(res['vigo'][label][metric], unit):34}{other:34}{'' if r is None else f'{r:.2f}x'}")
+        line = f"{title:24}{cell(res['vigo'][label][metric], unit):34}{other:34}{'' if r is None else f'{r:.2f}x'}"
+        print(line.rstrip())
     print("(RSS ratios compare the worst repeat of each; times compare medians)")
     if cf:
         print(f"cf-agent policy: {cf['method']}")

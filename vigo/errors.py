@@ -25,7 +25,15 @@ Jinja2, YAML, OS) are translated at the boundary where they happen and chained w
     │   └── CacheLockedError               another envoy process holds the state directory
     ├── ResourceError                      one resource could not be converged (the run goes on)
     │   └── ProviderMissingError           the tool a resource needs is not on this host
-    └── TraitError                         a custom trait source that is broken (reported, not fatal)
+    ├── TraitError                         a custom trait source that is broken (reported, not fatal)
+    ├── ProtocolError                      a frame or message that breaks the wire protocol (has .code)
+    ├── AdmissionError                     join tokens, certificates, revocation
+    │   ├── TokenError                     a join token that is unknown, expired or used up
+    │   └── RevokedError                   a certificate or envoy that was revoked
+    ├── StoreError                         the server database cannot do what was asked
+    ├── ServerError                        the control plane answered with an error (has .code)
+    │   └── UnavailableError(ConnectionError)  no gateway reachable / overloaded (retry later)
+    └── AdminAuthError                     admin request without a valid Ray cluster token
 
 Messages say what was attempted, what was expected and what arrived.
 """
@@ -152,6 +160,49 @@ class ProviderMissingError(ResourceError):
 
 class TraitError(VigoError):
     """A custom trait source (file or executable) that is broken. Reported, never fatal."""
+
+
+class ProtocolError(VigoError):
+    """A frame or message that breaks the wire protocol. ``code`` goes into the error frame."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
+
+
+class AdmissionError(VigoError):
+    """Enrolment went wrong: token, CSR, certificate, revocation."""
+
+
+class TokenError(AdmissionError):
+    """A join token that is unknown, expired or used up."""
+
+
+class RevokedError(AdmissionError):
+    """A certificate or envoy that was revoked."""
+
+
+class StoreError(VigoError):
+    """The server database cannot do what was asked."""
+
+
+class ServerError(VigoError):
+    """The control plane answered a request with an error frame."""
+
+    def __init__(self, code: str, reason: str, *, retry_after_s: float | None = None) -> None:
+        self.code = code
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        super().__init__(f"server refused ({code}): {reason}")
+
+
+class UnavailableError(ServerError, ConnectionError):
+    """No gateway reachable, or the gateway is overloaded: try again later."""
+
+
+class AdminAuthError(VigoError):
+    """An admin request without a valid Ray cluster token."""
 
 
 def _show(value: object, limit: int = 80) -> str:

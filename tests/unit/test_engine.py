@@ -134,6 +134,8 @@ def test_secrets_redacted_everywhere_in_the_report(tmp_path, keypair):
         {"file": "/etc/conf", "template": "conf.j2"},
         {"exec": "show", "command": "cat \"$VIGO_ROOT/etc/conf\"; exit 1", "requires": ["file:/etc/conf"]},
     ]}}, templates={"conf.j2": "token={{ secrets.token }}\n"}, secrets={"token": "hunter2-very-secret"})
+    (tmp_path / "root/etc").mkdir(parents=True)
+    (tmp_path / "root/etc/conf").write_text("token=old\n")  # an update carries a diff
     report, res = run(b, tmp_path)
     assert (tmp_path / "root/etc/conf").read_text() == "token=hunter2-very-secret\n"
     assert "hunter2" not in repr(report)

@@ -373,6 +373,7 @@ class Cache:
         """Fold the oldest reports into the head summary until the queue fits its bound.
 
         The newest report always stays whole, so at least one full report survives any bound.
+        The summary's own bytes count against the bound while folding (it is written back).
         """
         queue, runs = self._db["queue"], self._db["runs"]
         cur = txn.cursor(db=queue)
@@ -381,7 +382,7 @@ class Cache:
         folded = 0
         last_key = cur.key() if cur.last() else None
         cur.first()
-        while used > self.queue_max_bytes and cur.key() != last_key:
+        while used + _packed_size(summary) > self.queue_max_bytes and cur.key() != last_key:
             key, raw = bytes(cur.key()), bytes(cur.value())
             try:
                 entry = _unpack(raw)
@@ -522,6 +523,10 @@ class Cache:
             if recorded_bytes is not None and recorded_bytes != used:
                 problems.append(f"meta/queue_bytes says {recorded_bytes} but the queue holds {used}")
         return problems
+
+
+def _packed_size(obj: Any) -> int:
+    return 0 if obj is None else len(_pack(obj))
 
 
 def _queue_bytes(txn: lmdb.Transaction, queue: Any) -> int:

@@ -24,7 +24,6 @@ from vigo.agent.resources import CHANGED, FAILED, OK, SKIPPED, Outcome, RunConte
 from vigo.errors import TemplateError, VigoError
 from vigo.policy import conditions, graph, templates
 from vigo.policy.bundle import Bundle
-from vigo.policy.stack import node_of
 
 log = logging.getLogger("vigo.agent.engine")
 
@@ -108,7 +107,7 @@ def _run(
 ) -> list[dict[str, Any]]:
     by_id = {p.id: p for p in planned}
     declared = {f"{r['type']}:{r['name']}" for pol in bundle.policies for r in pol["resources"]}
-    nodes = [node_of(p.spec) for p in planned]
+    nodes = [graph.node_of(p.spec["type"], p.spec["name"], p.spec["attrs"]) for p in planned]
     before = graph.edges(nodes)
     try:
         order = graph.order(nodes)

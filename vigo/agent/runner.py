@@ -78,10 +78,13 @@ def apply_once(opts: RunOptions) -> dict[str, Any]:
         sealer = Sealer.for_state_dir(state_dir)
         with Cache(state_dir, sealer=sealer, queue_max_bytes=opts.queue_max_bytes) as cache:
             trusted = _trusted_key(cache, opts.trust_path)
+            current = None
             if opts.bundle_path is not None:
                 incoming = bundle_mod.decode(_read_bundle(opts.bundle_path), trusted, origin=str(opts.bundle_path))
                 cache.accept_bundle(incoming)  # raises BundleRefusedError on rollback
-            current = cache.bundle_in_force(trusted)
+                current = incoming  # verified a moment ago: no need to decode it again
+            else:
+                current = cache.bundle_in_force(trusted)
             if current is None:  # a "no run" (exit 1), not a command-line error (ConfigError: 64)
                 raise BundleError(
                     f"no bundle to enforce: the cache in {state_dir} holds none; "

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 from cryptography.exceptions import InvalidSignature
@@ -38,7 +38,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from vigo.errors import BundleFormatError, SignatureError, StackError
 from vigo.policy.keys import key_id
-from vigo.policy.stack import Stack
+
+if TYPE_CHECKING:  # the envoy decodes bundles without loading the stack loader (and yaml)
+    from vigo.policy.stack import Stack
 
 FORMAT = 1
 SIGNING_CONTEXT = b"vigo-bundle-v1\x00"

@@ -24,6 +24,17 @@ class Node:
     notify: tuple[str, ...] = ()
 
 
+def node_of(rtype: str, name: str, attrs: dict) -> Node:
+    """The graph's view of one resource (path resources keyed by their normalised path)."""
+    return Node(
+        id=f"{rtype}:{name}",
+        type=rtype,
+        name=(name.rstrip("/") or "/") if rtype in PATH_TYPES else name,
+        requires=tuple(attrs.get("requires") or ()),
+        notify=tuple(attrs.get("notify") or ()),
+    )
+
+
 class CycleError(ValueError):
     def __init__(self, cycle: Sequence[str]) -> None:
         self.cycle = list(cycle)

@@ -339,7 +339,7 @@ def _check_graph(policies: list[PolicySpec]) -> None:
                         file=policy.file, policy=policy.name, resource=res.id,
                         expected=f"a resource of type {' or '.join(NOTIFIABLE)}", got=ref,
                     )
-    nodes = [node_of(res) for _, res in declared.values()]
+    nodes = [graph.node_of(res.type, res.name, res.attrs) for _, res in declared.values()]
     try:
         graph.order(nodes)
     except graph.CycleError as exc:
@@ -348,20 +348,6 @@ def _check_graph(policies: list[PolicySpec]) -> None:
             str(exc), file=policy.file, policy=policy.name, resource=res.id,
             expected="requires/notify/parent-directory edges without a loop", got="a cycle",
         ) from exc
-
-
-def node_of(res: ResourceSpec | dict[str, Any]) -> graph.Node:
-    if isinstance(res, ResourceSpec):
-        rtype, name, attrs = res.type, res.name, res.attrs
-    else:
-        rtype, name, attrs = res["type"], res["name"], res["attrs"]
-    return graph.Node(
-        id=f"{rtype}:{name}",
-        type=rtype,
-        name=name.rstrip("/") or "/" if rtype in graph.PATH_TYPES else name,
-        requires=tuple(attrs.get("requires") or ()),
-        notify=tuple(attrs.get("notify") or ()),
-    )
 
 
 assert set(SCHEMAS) >= set(NOTIFIABLE)

@@ -46,6 +46,7 @@ class RunContext:
     secrets: dict[str, str] = field(default_factory=dict)
     #: Extra environment for commands (e.g. PATH in tests); merged over os.environ.
     env: dict[str, str] = field(default_factory=dict)
+    _sorted_secrets: list[tuple[str, str]] | None = field(default=None, repr=False)
 
     def path(self, managed: str) -> Path:
         """The real location of a managed absolute path, under ``root`` when one is set."""
@@ -57,11 +58,18 @@ class RunContext:
 
     def redact(self, text: str) -> str:
         """Replace every secret value in ``text`` with ``[redacted:NAME]``."""
-        # Longest first, so a secret that contains another is hidden whole.
-        for name, value in sorted(self.secrets.items(), key=lambda kv: -len(kv[1])):
-            if value:
+        for name, value in self._redactions():
+            if value in text:
                 text = text.replace(value, f"[redacted:{name}]")
         return text
+
+    def _redactions(self) -> list[tuple[str, str]]:
+        # Longest first, so a secret that contains another is hidden whole. Sorted once per run.
+        if self._sorted_secrets is None:
+            self._sorted_secrets = sorted(
+                ((n, v) for n, v in self.secrets.items() if v), key=lambda kv: -len(kv[1])
+            )
+        return self._sorted_secrets
 
     def command_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)

@@ -1,0 +1,53 @@
+"""`Primary`: the actor that owns one partition's database. A thin shell over
+``vigo.server.partition.Partition``; every method is one call into it.
+
+A sync actor on purpose: Ray runs one method at a time, which is exactly the single-writer
+discipline the database needs (no locks, no second connection). A restarted primary
+(max_restarts=-1) reopens its data dir and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vigo import config as config_mod
+from vigo.server.partition import Partition, error_of
+
+log = logging.getLogger("vigo.actors.primary")
+
+
+class Primary:
+    def __init__(self, data_dir: str, cfg: dict[str, Any] | None = None) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        parsed = config_mod.from_dict(cfg) if cfg is not None else None
+        self.partition = Partition(data_dir, parsed)
+
+    def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self.partition.handle_batch(items)
+
+    def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Admin answers travel as {"ok": result} or {"error": {...}}: a user mistake is data,
+        not an exception that Ray would wrap in a traceback."""
+        try:
+            return {"ok": self.partition.admin(op, args)}
+        except Exception as exc:
+            if not isinstance(exc, ValueError | LookupError) and type(exc).__module__.startswith("builtins"):
+                log.exception("admin %s failed", op)
+            return {"error": error_of(exc)}
+
+    def gateway_material(self) -> dict[str, Any]:
+        return self.partition.gateway_material()
+
+    def bundle_bytes(self, serial: int) -> bytes:
+        return self.partition.bundle_bytes(serial)
+
+    def revocations(self) -> list[dict[str, Any]]:
+        return self.partition.revocations().to_list()
+
+    def ping(self) -> dict[str, Any]:
+        return {"partition": self.partition.cfg.partition, "term": self.partition.term}
+
+    def __repr__(self) -> str:
+        p = getattr(self, "partition", None)
+        return f"vigo-primary[{p.cfg.partition} term {p.term}]" if p else "vigo-primary[starting]"

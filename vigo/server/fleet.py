@@ -1,0 +1,183 @@
+"""Envoy records, check-ins and run reports: the fleet as the primary sees it.
+
+Status is derived when asked, never stored, so it cannot go stale:
+
+    offline               not heard from for `offline_after_intervals` of its interval
+    enforcing-from-cache  heard from, but its queued reports show runs made offline
+    failed                its last run had a failed resource
+    pending               it has not yet run the current bundle (or never ran)
+    converged             its last run applied the current bundle with nothing failed
+
+Earlier rows win: an envoy that is offline is shown offline whatever its last run said.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import apsw
+import msgpack
+
+from vigo.errors import ProtocolError
+from vigo.server.store import Store
+
+OFFLINE = "offline"
+FROM_CACHE = "enforcing-from-cache"
+FAILED = "failed"
+PENDING = "pending"
+CONVERGED = "converged"
+STATUSES = (OFFLINE, FROM_CACHE, FAILED, PENDING, CONVERGED)
+
+#: Longest run id accepted; run ids are uuid4 hex (32) or summary-<uuid4 hex>.
+MAX_RUN_ID_CHARS = 128
+#: Reports one `results` message may carry.
+MAX_REPORTS_PER_MESSAGE = 500
+
+_ENVOY_COLUMNS = (
+    "id", "hostname", "joined_at", "revoked_at", "traits", "last_seen", "interval_s",
+    "bundle_version", "serial", "term", "queue_depth", "oldest_queued_at", "offline_runs", "last_run",
+)
+
+
+def splay_for(envoy_id: str, splay_s: float) -> float:
+    """A deterministic per-envoy offset in [0, splay_s): the same host always runs at the same
+    point of the interval, and a fleet spreads evenly over it."""
+    if splay_s <= 0:
+        return 0.0
+    h = int.from_bytes(hashlib.sha256(envoy_id.encode()).digest()[:8], "big")
+    return (h / 2**64) * splay_s
+
+
+def derive_status(envoy: dict[str, Any], *, now: float, current_serial: int | None, offline_after_intervals: int,
+                  default_interval_s: float) -> str:
+    interval = envoy.get("interval_s") or default_interval_s
+    last_seen = envoy.get("last_seen")
+    if last_seen is None or now - last_seen > offline_after_intervals * interval:
+        return OFFLINE
+    if (envoy.get("offline_runs") or 0) > 0:
+        return FROM_CACHE
+    last_run = envoy.get("last_run") or {}
+    if not last_run:
+        return PENDING
+    if (last_run.get("counts") or {}).get("failed"):
+        return FAILED
+    if current_serial is not None and (last_run.get("serial") or 0) < current_serial:
+        return PENDING
+    return CONVERGED
+
+
+def record_checkin(db: apsw.Connection, envoy_id: str, body: dict[str, Any], *, interval_s: float, now: float) -> None:
+    db.execute(
+        "UPDATE envoys SET traits = ?, last_seen = ?, interval_s = ?, bundle_version = ?, serial = ?, "
+        "term = ?, queue_depth = ?, oldest_queued_at = ?, offline_runs = ?, "
+        "last_run = COALESCE(?, last_run) WHERE id = ?",
+        (
+            json.dumps(body.get("traits") or {}, sort_keys=True), now, interval_s,
+            body.get("bundle_version"), int(body.get("serial") or 0), int(body.get("term") or 0),
+            int(body.get("queue_depth") or 0), body.get("oldest_queued_at"),
+            int(body.get("offline_runs") or 0),
+            json.dumps(body["last_run"]) if body.get("last_run") else None, envoy_id,
+        ),
+    )
+
+
+def store_reports(db: apsw.Connection, envoy_id: str, reports: list[Any], *, now: float) -> list[str]:
+    """Insert reports idempotently by run id; return the ids now stored (new or already there).
+
+    A report whose envoy_id names another envoy is refused: an envoy speaks only for itself.
+    """
+    if len(reports) > MAX_REPORTS_PER_MESSAGE:
+        raise ProtocolError("bad_body", f"results carries {len(reports)} reports; at most {MAX_REPORTS_PER_MESSAGE} per message")
+    acked: list[str] = []
+    for report in reports:
+        run_id = _check_report(report, envoy_id)
+        counts = report.get("counts") or {}
+        db.execute(
+            "INSERT INTO runs(run_id, envoy_id, kind, started_at, finished_at, received_at, bundle_version, "
+            "serial, term, noop, offline, ok, changed, failed, skipped, report) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO NOTHING",
+            (
+                run_id, envoy_id, str(report.get("kind") or "run"),
+                report.get("started_at") if report.get("kind") != "summary" else report.get("first_started_at"),
+                report.get("finished_at") if report.get("kind") != "summary" else report.get("last_started_at"),
+                now, report.get("bundle_version"), report.get("serial"), report.get("term"),
+                int(bool(report.get("noop"))),
+                int(report.get("offline") if report.get("kind") == "summary" else bool(report.get("offline"))),
+                int(counts.get("ok", 0)), int(counts.get("changed", 0)),
+                int(counts.get("failed", 0)), int(counts.get("skipped", 0)),
+                msgpack.packb(report, use_bin_type=True),
+            ),
+        )
+        acked.append(run_id)
+    return acked
+
+
+def _check_report(report: Any, envoy_id: str) -> str:
+    if not isinstance(report, dict):
+        raise ProtocolError("bad_body", f"a report must be a map, got {type(report).__name__}")
+    run_id = report.get("run_id")
+    if not isinstance(run_id, str) or not run_id or len(run_id) > MAX_RUN_ID_CHARS:
+        raise ProtocolError("bad_body", f"report run_id must be a string of 1..{MAX_RUN_ID_CHARS} chars, got {run_id!r:.80}")
+    sender = report.get("envoy_id")
+    if sender not in (None, "", envoy_id):
+        raise ProtocolError("forbidden", f"report {run_id} names envoy {sender!r}; this connection is envoy {envoy_id!r}")
+    counts = report.get("counts")
+    if counts is not None and not (isinstance(counts, dict) and all(isinstance(v, int) for v in counts.values())):
+        raise ProtocolError("bad_body", f"report {run_id} counts must map status to whole numbers")
+    return run_id
+
+
+def apply_retention(db: apsw.Connection, envoy_id: str, *, keep: int, max_age_s: float, now: float) -> int:
+    """Delete this envoy's runs beyond the newest ``keep`` and older than ``max_age_s``."""
+    before = db.changes()
+    db.execute(
+        "DELETE FROM runs WHERE envoy_id = ? AND (received_at < ? OR run_id IN ("
+        " SELECT run_id FROM runs WHERE envoy_id = ? ORDER BY started_at DESC LIMIT -1 OFFSET ?))",
+        (envoy_id, now - max_age_s, envoy_id, keep),
+    )
+    return db.changes() if db.changes() != before else 0
+
+
+def envoy_rows(store: Store, envoy_id: str | None = None) -> list[dict[str, Any]]:
+    sql = f"SELECT {', '.join(_ENVOY_COLUMNS)} FROM envoys"
+    args: tuple = ()
+    if envoy_id is not None:
+        sql += " WHERE id = ? OR id LIKE ? || '%'"
+        args = (envoy_id, envoy_id)
+    sql += " ORDER BY hostname, id"
+    out = []
+    for row in store.query(sql, args):
+        rec = dict(zip(_ENVOY_COLUMNS, row, strict=True))
+        rec["traits"] = json.loads(rec["traits"]) if rec["traits"] else {}
+        rec["last_run"] = json.loads(rec["last_run"]) if rec["last_run"] else None
+        out.append(rec)
+    return out
+
+
+def recent_runs(store: Store, envoy_id: str, limit: int = 10, *, full: bool = False) -> list[dict[str, Any]]:
+    rows = store.query(
+        "SELECT run_id, kind, started_at, finished_at, received_at, bundle_version, serial, term, noop, offline, "
+        "ok, changed, failed, skipped, report FROM runs WHERE envoy_id = ? ORDER BY started_at DESC LIMIT ?",
+        (envoy_id, limit),
+    )
+    out = []
+    for r in rows:
+        entry = {
+            "run_id": r[0], "kind": r[1], "started_at": r[2], "finished_at": r[3], "received_at": r[4],
+            "bundle_version": r[5], "serial": r[6], "term": r[7], "noop": bool(r[8]), "offline": r[9],
+            "counts": {"ok": r[10], "changed": r[11], "failed": r[12], "skipped": r[13]},
+        }
+        if full:
+            report = msgpack.unpackb(r[14], raw=False)
+            entry["resources"] = report.get("resources", [])
+            if r[1] == "summary":
+                entry["summary"] = {k: report.get(k) for k in ("count", "offline", "first_started_at", "last_started_at")}
+        out.append(entry)
+    return out
+
+
+def now() -> float:
+    return time.time()

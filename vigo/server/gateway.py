@@ -1,0 +1,339 @@
+"""The gateway's TCP+TLS server: plain asyncio, no Ray (the actor in vigo/actors/gateway.py
+gives it a backend that calls the primary).
+
+Per connection: the TLS handshake verifies a client certificate when one is presented (envoys
+after admission); a revoked one is refused at once. Then frames are read one at a time; each
+request is checked against what the connection may send (``protocol.check_allowed``), and
+answered. Framing errors get an error frame and the connection is closed; message errors get
+an error frame and the connection stays open. Nothing a client sends can stop the server from
+serving everyone else.
+
+Envoy requests (join, checkin, results) go through the **batcher**: many envoys' requests ride
+in one call to the primary (one transaction there). The batcher's queue is bounded: past
+``queue_max`` waiting requests, new ones are answered ``overloaded`` with a retry-after rather
+than letting memory grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vigo import protocol
+from vigo.config import GatewayConfig
+from vigo.errors import AdmissionError, ProtocolError
+from vigo.server.admissions import (
+    RevocationSet,
+    cert_serial,
+    envoy_id_from_cert,
+    tls_server_context,
+)
+
+log = logging.getLogger("vigo.server.gateway")
+
+#: How often the gateway refreshes its copy of the revocation list from the primary, seconds.
+REVOCATION_REFRESH_S = 2.0
+#: Batches that may be in flight to the primary at once (pipelining hides call latency).
+MAX_BATCHES_IN_FLIGHT = 2
+
+
+class Backend(Protocol):
+    async def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+    async def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]: ...
+    async def bundle_bytes(self, serial: int) -> bytes: ...
+    async def revocations(self) -> list[dict[str, Any]]: ...
+
+
+@dataclass
+class _Conn:
+    writer: asyncio.StreamWriter
+    envoy_id: str | None
+    serial: int | None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, type: str, id: int, body: dict[str, Any], max_bytes: int) -> None:
+        async with self.lock:
+            await protocol.write_frame(self.writer, type, id, body, max_bytes=max_bytes)
+
+
+@dataclass
+class GatewayStats:
+    connections: int = 0
+    connections_total: int = 0
+    requests: int = 0
+    batches: int = 0
+    batch_items: int = 0
+    overloaded: int = 0
+    protocol_errors: int = 0
+    started_at: float = field(default_factory=time.time)
+
+
+class GatewayServer:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        ca_pem: bytes,
+        cert_pem: bytes,
+        key_pem: bytes,
+        cfg: GatewayConfig,
+        host: str,
+        port: int,
+        admin_token: Callable[[], str | None],
+        revocations: list[dict[str, Any]] | None = None,
+        on_stack_pushed: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.cfg = cfg
+        self.host, self.port = host, port
+        self.ssl = tls_server_context(cert_pem, key_pem, ca_pem, require_client_cert=False)
+        self.admin_token = admin_token
+        self.revoked = RevocationSet.from_list(revocations or [])
+        self.on_stack_pushed = on_stack_pushed
+        self.stats = GatewayStats()
+        self._conns: set[_Conn] = set()
+        self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future]] = asyncio.Queue()
+        self._bundle_cache: tuple[int, bytes] | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._in_flight = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
+        self._background: set[asyncio.Future] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, ssl=self.ssl, ssl_handshake_timeout=self.cfg.frame_timeout_s,
+            backlog=4096, limit=64 * 1024,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._tasks = [asyncio.create_task(self._batch_loop()), asyncio.create_task(self._revocation_loop())]
+        log.info("gateway listening on %s:%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.writer.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    # --- connections --------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        conn = _Conn(writer, *self._identify(writer))
+        self.stats.connections_total += 1
+        try:
+            if len(self._conns) >= self.cfg.max_connections:
+                await self._fail(conn, 0, "overloaded", f"gateway at its limit of {self.cfg.max_connections} connections",
+                                 retry_after_s=self.cfg.retry_after_s)
+                return
+            if conn.envoy_id is not None and self.revoked.is_revoked(conn.envoy_id, conn.serial):
+                await self._fail(conn, 0, "revoked", f"envoy {conn.envoy_id} certificate {conn.serial:x} is revoked")
+                log.info("refused revoked envoy %s from %s", conn.envoy_id, peer)
+                return
+            self._conns.add(conn)
+            self.stats.connections = len(self._conns)
+            await self._frames(reader, conn)
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            log.debug("connection from %s ended: %s", peer, exc)
+        except Exception:
+            log.exception("connection from %s failed", peer)
+        finally:
+            self._conns.discard(conn)
+            self.stats.connections = len(self._conns)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    def _identify(self, writer: asyncio.StreamWriter) -> tuple[str | None, int | None]:
+        """The envoy id and certificate serial of a verified client certificate, if any."""
+        obj = writer.get_extra_info("ssl_object")
+        der = obj.getpeercert(binary_form=True) if obj is not None else None
+        if not der:
+            return None, None
+        try:
+            return envoy_id_from_cert(der), cert_serial(der)
+        except AdmissionError:
+            return None, None
+
+    async def _frames(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
+        while True:
+            try:
+                frame = await protocol.read_frame(
+                    reader, max_bytes=self.cfg.max_frame_bytes, idle_timeout_s=self.cfg.idle_timeout_s,
+                    frame_timeout_s=self.cfg.frame_timeout_s)
+            except ProtocolError as exc:
+                self.stats.protocol_errors += 1
+                await self._fail(conn, 0, exc.code, exc.reason)
+                return
+            if frame is None:
+                return
+            self.stats.requests += 1
+            try:
+                protocol.check_allowed(frame.type, envoy_certificate=conn.envoy_id is not None)
+                reply_type, body = await self._answer(frame, conn)
+            except ProtocolError as exc:
+                if exc.code in protocol.CLOSING_CODES:
+                    await self._fail(conn, frame.id, exc.code, exc.reason)
+                    return
+                await conn.send("error", frame.id, protocol.error_body(exc.code, exc.reason, retry_after_s=_retry(exc)),
+                                self.cfg.max_frame_bytes)
+                continue
+            await conn.send(reply_type, frame.id, body, self.cfg.max_frame_bytes)
+
+    async def _fail(self, conn: _Conn, id: int, code: str, reason: str, retry_after_s: float | None = None) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                conn.send("error", id, protocol.error_body(code, reason, retry_after_s=retry_after_s), self.cfg.max_frame_bytes), 5)
+
+    # --- answers ------------------------------------------------------------------------
+
+    async def _answer(self, frame: protocol.Frame, conn: _Conn) -> tuple[str, dict[str, Any]]:
+        if frame.type == "ping":
+            return "pong", {}
+        if frame.type == "admin":
+            return "admin_ok", {"result": await self._admin(frame.body)}
+        answer = await self._submit({"type": frame.type, "envoy_id": conn.envoy_id, "body": frame.body})
+        if "error" in answer:
+            err = answer["error"]
+            if err["code"] == "revoked" and conn.envoy_id:
+                self.revoked.revoke(conn.envoy_id)
+            raise _Refused(err["code"], err["reason"])
+        body = answer["ok"]
+        if frame.type == "checkin":
+            serial = body.pop("bundle_serial", None)
+            body["bundle"] = await self._bundle(serial) if serial is not None else None
+            body.setdefault("bundle_version", None)
+        return protocol.REPLIES[frame.type], body
+
+    async def _admin(self, body: dict[str, Any]) -> Any:
+        expected = self.admin_token()
+        if not expected:
+            raise ProtocolError("unauthenticated", "this cluster has no Ray auth token; vigo admin needs token authentication (see docs)")
+        if not hmac.compare_digest(str(body["token"]).encode(), expected.encode()):
+            raise ProtocolError("bad_token", "admin token does not match the Ray cluster token")
+        answer = await self.backend.admin(body["op"], body.get("args") or {})
+        if "error" in answer:
+            raise _Refused(answer["error"]["code"], answer["error"]["reason"])
+        if body["op"] == "envoys.revoke":
+            self.revoked = RevocationSet.from_list(answer["ok"]["revocations"])
+            self._drop_revoked()
+        if body["op"] == "stack.push":
+            await self.notify_all("bundle_changed")
+            if self.on_stack_pushed is not None:
+                self._spawn(self.on_stack_pushed())
+        return answer["ok"]
+
+    async def _bundle(self, serial: int) -> bytes:
+        if self._bundle_cache is None or self._bundle_cache[0] != serial:
+            self._bundle_cache = (serial, await self.backend.bundle_bytes(serial))
+        return self._bundle_cache[1]
+
+    async def notify_all(self, reason: str) -> int:
+        """Tell every connected envoy to converge now (persistent connections only)."""
+        sent = 0
+        for conn in list(self._conns):
+            if conn.envoy_id is None:
+                continue
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.send("notify", 0, {"reason": reason}, self.cfg.max_frame_bytes), 2)
+                sent += 1
+        return sent
+
+    def _drop_revoked(self) -> None:
+        for conn in list(self._conns):
+            if conn.envoy_id is not None and self.revoked.is_revoked(conn.envoy_id, conn.serial):
+                conn.writer.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        """Run in the background, holding a reference until done (asyncio keeps only weak ones)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- batching -----------------------------------------------------------------------
+
+    async def _submit(self, item: dict[str, Any]) -> dict[str, Any]:
+        if self._queue.qsize() >= self.cfg.queue_max:
+            self.stats.overloaded += 1
+            raise ProtocolError("overloaded", f"gateway has {self._queue.qsize()} requests waiting (limit {self.cfg.queue_max})")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        return await future
+
+    async def _batch_loop(self) -> None:
+        wait_s = self.cfg.batch_wait_ms / 1000
+        while True:
+            batch = [await self._queue.get()]
+            deadline = asyncio.get_running_loop().time() + wait_s
+            while len(batch) < self.cfg.batch_max:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0 and self._queue.empty():
+                    break
+                try:
+                    batch.append(self._queue.get_nowait() if not self._queue.empty() else
+                                 await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            await self._in_flight.acquire()
+            self._spawn(self._send_batch(batch))
+
+    async def _send_batch(self, batch: list[tuple[dict[str, Any], asyncio.Future]]) -> None:
+        try:
+            self.stats.batches += 1
+            self.stats.batch_items += len(batch)
+            try:
+                answers = await self.backend.handle_batch([item for item, _ in batch])
+            except Exception as exc:
+                log.warning("batch of %d failed at the primary: %s", len(batch), exc)
+                answers = [{"error": {"code": "unavailable", "reason": f"the partition's primary failed: {exc}"}}] * len(batch)
+            for (_, future), answer in zip(batch, answers, strict=False):
+                if not future.done():
+                    future.set_result(answer)
+        finally:
+            self._in_flight.release()
+
+    async def _revocation_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REVOCATION_REFRESH_S)
+            try:
+                self.revoked = RevocationSet.from_list(await self.backend.revocations())
+                self._drop_revoked()
+            except Exception as exc:
+                log.warning("cannot refresh revocations: %s", exc)
+
+    def status(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "endpoint": f"{self.host}:{self.port}",
+            "connections": s.connections,
+            "connections_total": s.connections_total,
+            "requests": s.requests,
+            "batches": s.batches,
+            "mean_batch": round(s.batch_items / s.batches, 2) if s.batches else 0,
+            "queue": self._queue.qsize(),
+            "overloaded": s.overloaded,
+            "protocol_errors": s.protocol_errors,
+            "revoked": len(self.revoked),
+        }
+
+
+class _Refused(ProtocolError):
+    """An error answer from the primary, passed on to the client as is."""
+
+
+def _retry(exc: ProtocolError) -> float | None:
+    return getattr(exc, "retry_after_s", None) if exc.code != "overloaded" else 5.0

@@ -1,0 +1,419 @@
+"""The primary's core: one partition's state and every operation on it. No Ray here.
+
+The primary actor (vigo/actors/primary.py) is a thin shell over one ``Partition``. Envoy
+requests arrive in batches (``handle_batch``: one actor call carries many envoys), and each
+batch is one database transaction, so a results batch is acknowledged only after it committed.
+Admin operations arrive one by one (``admin``).
+
+First start bootstraps the partition: term 1, the fleet CA, the gateway's server certificate,
+the bundle-signing key and the secrets master key, each recorded in the database's trees (so
+they travel in the one stream with everything else) and materialised under DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import apsw
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from vigo import config as config_mod
+from vigo.errors import (
+    AdmissionError,
+    ConfigError,
+    ProtocolError,
+    RevokedError,
+    StackError,
+    TokenError,
+    VigoError,
+)
+from vigo.policy import bundle as bundle_mod
+from vigo.policy.keys import key_id, public_pem
+from vigo.policy.stack import load_stack
+from vigo.server import fleet
+from vigo.server.admissions import (
+    FleetCA,
+    RevocationSet,
+    TokenRecord,
+    hash_token,
+    issue_token,
+    spend_token,
+)
+from vigo.server.secrets import SecretBox
+from vigo.server.store import Store
+
+log = logging.getLogger("vigo.server.partition")
+
+#: Largest stack push accepted (all files together), bytes.
+MAX_STACK_PUSH_BYTES = 64 * 1024 * 1024
+
+
+class Partition:
+    def __init__(self, data_dir: Path | str, cfg: config_mod.ServerConfig | None = None) -> None:
+        self.store = Store(data_dir)
+        self.cfg = cfg or self._stored_config() or config_mod.ServerConfig.local(data_dir)
+        self._bootstrap()
+        self.store.materialise_trees()
+        self.term = int(self.store.get_meta("term", 1))
+        self.ca = FleetCA(self._tree("tls", "ca.key"), self._tree("tls", "ca.pem"))
+        self.signing_key = serialization.load_pem_private_key(self._tree("secrets", "bundle-signing.key"), None)
+        self.secrets = SecretBox(self._tree("secrets", "master.key"))
+        self._bundle_cache: dict[int, bytes] = {}
+        log.info("partition %s open in %s, term %d", self.cfg.partition, data_dir, self.term)
+
+    # --- bootstrap ----------------------------------------------------------------------
+
+    def _stored_config(self) -> config_mod.ServerConfig | None:
+        raw = self.store.get_file("server.yaml", "server.yaml")
+        if raw is None:
+            return None
+        import yaml
+
+        return config_mod.from_dict(yaml.safe_load(raw))
+
+    def _tree(self, tree: str, path: str) -> bytes:
+        data = self.store.get_file(tree, path)
+        if data is None:
+            raise ConfigError(f"partition state is missing {tree}/{path}; the data dir is incomplete")
+        return data
+
+    def _bootstrap(self) -> None:
+        store = self.store
+        with store.write() as db:
+            if store.get_file("server.yaml", "server.yaml") is None:
+                store.put_file(db, "server.yaml", "server.yaml", config_mod.dump(self.cfg).encode())
+            if store.get_file("tls", "ca.pem") is None:
+                ca = FleetCA.generate()
+                store.put_file(db, "tls", "ca.key", ca.key_pem)
+                store.put_file(db, "tls", "ca.pem", ca.cert_pem, mode=0o644)
+                hosts = sorted({"localhost", socket.gethostname()})
+                ips = sorted({"127.0.0.1", *_local_ips()})
+                key_pem, cert_pem = ca.issue_server_cert(hosts, ips)
+                store.put_file(db, "tls", "server.key", key_pem)
+                store.put_file(db, "tls", "server.pem", cert_pem, mode=0o644)
+                log.info("generated the fleet CA %s and the gateway certificate", ca.fingerprint()[:16])
+            if store.get_file("secrets", "bundle-signing.key") is None:
+                key = Ed25519PrivateKey.generate()
+                store.put_file(db, "secrets", "bundle-signing.key", key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+                store.put_file(db, "secrets", "bundle-signing.pub", public_pem(key.public_key()), mode=0o644)
+            if store.get_file("secrets", "master.key") is None:
+                import os
+
+                store.put_file(db, "secrets", "master.key", os.urandom(32))
+
+    # --- what the gateway needs ---------------------------------------------------------
+
+    def gateway_material(self) -> dict[str, Any]:
+        """TLS material and settings a gateway needs to serve this partition."""
+        return {
+            "partition": self.cfg.partition,
+            "ca_pem": self._tree("tls", "ca.pem"),
+            "cert_pem": self._tree("tls", "server.pem"),
+            "key_pem": self._tree("tls", "server.key"),
+            "ca_fingerprint": self.ca.fingerprint(),
+            "term": self.term,
+            "revocations": self.revocations().to_list(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def revocations(self) -> RevocationSet:
+        entries = [(r[0], int(r[1], 16) if r[1] else None) for r in self.store.query(
+            "SELECT envoy_id, serial FROM certs WHERE revoked_at IS NOT NULL "
+            "UNION SELECT id, NULL FROM envoys WHERE revoked_at IS NOT NULL")]
+        return RevocationSet(entries)
+
+    def current_serial(self) -> int | None:
+        row = self.store.one("SELECT MAX(serial) FROM bundles")
+        return row[0] if row and row[0] is not None else None
+
+    def bundle_bytes(self, serial: int) -> bytes:
+        """The full bundle (secrets included) an envoy receives for ``serial``."""
+        cached = self._bundle_cache.get(serial)
+        if cached is not None:
+            return cached
+        row = self.store.one("SELECT bundle, secrets_sealed FROM bundles WHERE serial = ?", (serial,))
+        if row is None:
+            raise ProtocolError("not_found", f"no bundle with serial {serial}")
+        import msgpack
+
+        outer = msgpack.unpackb(bytes(row[0]), raw=False)
+        raw_secrets = self.secrets.open("bundle_secrets", bytes(row[1])) if row[1] is not None else None
+        data = bundle_mod.encode(outer["body"], outer["signature"], outer["key_id"], raw_secrets)
+        self._bundle_cache = {serial: data}  # only the newest matters; keep memory flat
+        return data
+
+    # --- envoy requests, batched --------------------------------------------------------
+
+    def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Answer many envoy requests in one transaction. Each item: {"type", "envoy_id"
+        (from its verified certificate, or None before admission), "body"}. Each answer:
+        {"ok": body} or {"error": {"code", "reason"}}; one bad item never fails the others."""
+        now = time.time()
+        answers: list[dict[str, Any]] = []
+        current = self.current_serial()
+        touched: set[str] = set()
+        with self.store.write() as db:
+            for item in items:
+                try:
+                    with db:  # a savepoint per item: a failing item leaves no half-write
+                        answers.append({"ok": self._one(db, item, now, current, touched)})
+                except (ProtocolError, VigoError) as exc:
+                    answers.append({"error": error_of(exc)})
+                except apsw.Error as exc:  # a constraint or I/O error in one item: that item fails
+                    log.exception("batch item %s failed in the database", item.get("type"))
+                    answers.append({"error": {"code": "internal", "reason": f"database error: {exc}"}})
+            for envoy_id in touched:
+                fleet.apply_retention(db, envoy_id, keep=self.cfg.retention.runs_per_envoy,
+                                      max_age_s=self.cfg.retention.max_age_days * 86400, now=now)
+        self.store.checkpoint()
+        return answers
+
+    def _one(self, db: apsw.Connection, item: dict[str, Any], now: float, current: int | None,
+             touched: set[str]) -> dict[str, Any]:
+        kind, body, envoy_id = item["type"], item["body"], item.get("envoy_id")
+        if kind == "join":
+            return self._join(db, body, now)
+        if envoy_id is None:
+            raise ProtocolError("unauthenticated", f"{kind} needs a client certificate from `vigo-envoy join`")
+        self._check_envoy(envoy_id, body)
+        if kind == "checkin":
+            interval = self.cfg.checkin.interval_s
+            fleet.record_checkin(db, envoy_id, body, interval_s=interval, now=now)
+            stale = current is not None and (body.get("serial") != current or body.get("term", 0) < self.term)
+            return {
+                "term": self.term,
+                "interval_s": interval,
+                "splay_s": fleet.splay_for(envoy_id, self.cfg.checkin.splay_s),
+                "bundle_serial": current if stale else None,
+                "serial": current or 0,
+            }
+        if kind == "results":
+            acked = fleet.store_reports(db, envoy_id, body.get("reports") or [], now=now)
+            touched.add(envoy_id)
+            return {"acked": acked, "term": self.term}
+        raise ProtocolError("unknown_type", f"the primary does not handle {kind!r}")
+
+    def _check_envoy(self, envoy_id: str, body: dict[str, Any]) -> None:
+        row = self.store.one("SELECT revoked_at FROM envoys WHERE id = ?", (envoy_id,))
+        if row is None:
+            raise AdmissionError(f"envoy {envoy_id} is not known to partition {self.cfg.partition}")
+        if row[0] is not None:
+            raise RevokedError(f"envoy {envoy_id} was revoked at {_iso(row[0])}")
+        claimed = body.get("envoy_id")
+        if claimed not in (None, envoy_id):
+            raise ProtocolError("forbidden", f"message names envoy {claimed!r} but the certificate is {envoy_id!r}")
+
+    def _join(self, db: apsw.Connection, body: dict[str, Any], now: float) -> dict[str, Any]:
+        token = body.get("token")
+        if not isinstance(token, str):
+            raise TokenError("join token not recognised")
+        row = self.store.one(
+            "SELECT id, hash, created_at, expires_at, uses_left, uses_total, note FROM tokens WHERE hash = ?",
+            (hash_token(token),))
+        record = None if row is None else TokenRecord(
+            id=row[0], hash=row[1], created_at=row[2], expires_at=row[3], uses_left=row[4], note=row[6],
+            uses_allowed=row[5])
+        spent = spend_token(record, now=now, token=token)
+        # Compare-and-set: two joins racing for a token's last use cannot both win.
+        db.execute("UPDATE tokens SET uses_left = ? WHERE id = ? AND uses_left = ?",
+                   (spent.uses_left, spent.id, spent.uses_left + 1))
+        if db.changes() != 1:
+            raise TokenError("join token has no uses left")
+        envoy_id = uuid.uuid4().hex
+        issued = self.ca.sign_envoy_csr(body["csr_pem"], envoy_id, now=now,
+                                        lifetime_s=int(self.cfg.admissions.envoy_cert_lifetime_s))
+        hostname = str(body.get("hostname") or "")[:253] or envoy_id
+        db.execute("INSERT INTO envoys(id, hostname, joined_at, token_id, traits) VALUES (?,?,?,?,?)",
+                   (envoy_id, hostname, now, spent.id, json.dumps(body.get("traits") or {}, sort_keys=True)))
+        db.execute("INSERT INTO certs(serial, envoy_id, issued_at, not_after) VALUES (?,?,?,?)",
+                   (format(issued.serial, "x"), envoy_id, now, issued.not_after))
+        log.info("envoy %s (%s) joined with token %s", envoy_id, hostname, spent.id)
+        return {
+            "envoy_id": envoy_id,
+            "certificate_pem": issued.cert_pem,
+            "ca_pem": self._tree("tls", "ca.pem"),
+            "signing_key_pem": self._tree("secrets", "bundle-signing.pub"),
+            "term": self.term,
+        }
+
+    # --- admin --------------------------------------------------------------------------
+
+    def admin(self, op: str, args: dict[str, Any]) -> Any:
+        handler = getattr(self, "_admin_" + op.replace(".", "_").replace("-", "_"), None)
+        if handler is None or not op.replace(".", "").replace("_", "").isalnum():
+            raise ProtocolError("not_found", f"unknown admin operation {op!r}")
+        return handler(**(args or {}))
+
+    def _admin_status(self) -> dict[str, Any]:
+        now = time.time()
+        envoys = fleet.envoy_rows(self.store)
+        counts = dict.fromkeys(fleet.STATUSES, 0)
+        for e in envoys:
+            counts[self._status(e, now)] += 1
+        current = self.current_serial()
+        bundle = self.store.one("SELECT version, serial, pushed_at FROM bundles WHERE serial = ?", (current,)) if current else None
+        return {
+            "partition": self.cfg.partition,
+            "term": self.term,
+            "data_dir": str(self.store.data_dir),
+            "envoys": len(envoys),
+            "status_counts": counts,
+            "bundle": {"version": bundle[0], "serial": bundle[1], "pushed_at": bundle[2]} if bundle else None,
+            "runs_stored": self.store.one("SELECT COUNT(*) FROM runs")[0],
+            "wal_pages": self.store.wal_pages(),
+            "ca_fingerprint": self.ca.fingerprint(),
+            "signing_key_id": key_id(self.signing_key.public_key()),
+        }
+
+    def _admin_stack_push(self, files: dict[str, bytes], name: str = "stack") -> dict[str, Any]:
+        size = sum(len(v) for v in files.values())
+        if size > MAX_STACK_PUSH_BYTES:
+            raise StackError("stack too large to push", expected=f"<= {MAX_STACK_PUSH_BYTES} bytes", got=size)
+        with tempfile.TemporaryDirectory(prefix="vigo-push-") as tmp:
+            root = Path(tmp) / (name or "stack")
+            for rel, data in files.items():
+                parts = rel.split("/")
+                if rel.startswith("/") or ".." in parts or "" in parts:
+                    raise StackError("pushed path leaves the stack folder", file=rel, expected="a relative path", got=rel)
+                target = root / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            stack = load_stack(root)
+            secrets = self._secret_values(stack.secret_names())
+            serial = (self.current_serial() or 0) + 1
+            built = bundle_mod.build(stack, signing_key=self.signing_key, serial=serial, term=self.term, secrets=secrets)
+        sealed = self.secrets.seal("bundle_secrets", built.raw_secrets) if built.raw_secrets else None
+        summary = {**built.summary(), "secrets": sorted(built.secrets), "files": sorted(files)}
+        with self.store.write() as db:
+            db.execute("INSERT INTO bundles(serial, version, term, pushed_at, summary, bundle, secrets_sealed) "
+                       "VALUES (?,?,?,?,?,?,?)",
+                       (serial, built.version, self.term, time.time(), json.dumps(summary),
+                        bundle_mod.encode(built.raw_body, built.raw_signature, built.key_id, None), sealed))
+            self.store.delete_tree(db, "stack")
+            for rel, data in sorted(files.items()):
+                self.store.put_file(db, "stack", rel, data, mode=0o644)
+        log.info("stack pushed: bundle %s serial %d term %d", built.version, serial, self.term)
+        return summary
+
+    def _admin_stack_show(self) -> dict[str, Any] | None:
+        row = self.store.one("SELECT serial, version, term, pushed_at, summary FROM bundles ORDER BY serial DESC LIMIT 1")
+        if row is None:
+            return None
+        history = [{"serial": r[0], "version": r[1], "pushed_at": r[2]} for r in self.store.query(
+            "SELECT serial, version, pushed_at FROM bundles ORDER BY serial DESC LIMIT 10")]
+        return {"serial": row[0], "version": row[1], "term": row[2], "pushed_at": row[3],
+                "summary": json.loads(row[4]), "history": history}
+
+    def _admin_token_create(self, ttl_s: float | None = None, uses: int | None = None, note: str = "") -> dict[str, Any]:
+        now = time.time()
+        token, rec = issue_token(now=now, ttl_s=ttl_s or self.cfg.admissions.token_ttl_s,
+                                 uses=uses or self.cfg.admissions.token_uses, note=note)
+        with self.store.write() as db:
+            db.execute("INSERT INTO tokens(id, hash, created_at, expires_at, uses_left, uses_total, note) "
+                       "VALUES (?,?,?,?,?,?,?)",
+                       (rec.id, rec.hash, rec.created_at, rec.expires_at, rec.uses_left, rec.uses_left, note))
+        log.info("join token %s created (%d uses, expires %s)", rec.id, rec.uses_left, _iso(rec.expires_at))
+        return {"id": rec.id, "token": token, "expires_at": rec.expires_at, "uses": rec.uses_left}
+
+    def _admin_token_list(self) -> list[dict[str, Any]]:
+        return [{"id": r[0], "created_at": r[1], "expires_at": r[2], "uses_left": r[3], "uses_total": r[4], "note": r[5]}
+                for r in self.store.query("SELECT id, created_at, expires_at, uses_left, uses_total, note FROM tokens ORDER BY created_at")]
+
+    def _status(self, envoy: dict[str, Any], now: float) -> str:
+        if envoy.get("revoked_at"):
+            return "revoked"
+        return fleet.derive_status(envoy, now=now, current_serial=self.current_serial(),
+                                   offline_after_intervals=self.cfg.checkin.offline_after_intervals,
+                                   default_interval_s=self.cfg.checkin.interval_s)
+
+    def _admin_envoys_list(self) -> list[dict[str, Any]]:
+        now = time.time()
+        out = []
+        for e in fleet.envoy_rows(self.store):
+            out.append({
+                "id": e["id"], "hostname": e["hostname"], "status": self._status(e, now),
+                "last_seen": e["last_seen"], "serial": e["serial"], "bundle_version": e["bundle_version"],
+                "queue_depth": e["queue_depth"], "oldest_queued_at": e["oldest_queued_at"],
+                "offline_runs": e["offline_runs"],
+                "last_run": e["last_run"],
+            })
+        return out
+
+    def _admin_envoys_show(self, envoy_id: str, runs: int = 10) -> dict[str, Any]:
+        rows = fleet.envoy_rows(self.store, envoy_id)
+        if not rows:
+            raise ProtocolError("not_found", f"no envoy with id (or id prefix) {envoy_id!r}")
+        if len(rows) > 1 and rows[0]["id"] != envoy_id:
+            raise ProtocolError("conflict", f"id prefix {envoy_id!r} matches {len(rows)} envoys; give more characters")
+        e = rows[0]
+        e["status"] = self._status(e, time.time())
+        e["runs"] = fleet.recent_runs(self.store, e["id"], limit=runs, full=True)
+        e["run_count"] = self.store.one("SELECT COUNT(*) FROM runs WHERE envoy_id = ?", (e["id"],))[0]
+        return e
+
+    def _admin_envoys_revoke(self, envoy_id: str) -> dict[str, Any]:
+        target = self._admin_envoys_show(envoy_id, runs=0)["id"]
+        now = time.time()
+        with self.store.write() as db:
+            db.execute("UPDATE envoys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (now, target))
+            db.execute("UPDATE certs SET revoked_at = COALESCE(revoked_at, ?) WHERE envoy_id = ?", (now, target))
+        log.info("envoy %s revoked", target)
+        return {"id": target, "revoked_at": now, "revocations": self.revocations().to_list()}
+
+    def _admin_secrets_set(self, name: str, value: bytes | str) -> dict[str, Any]:
+        data = value.encode() if isinstance(value, str) else bytes(value)
+        sealed = self.secrets.seal(name, data)
+        with self.store.write() as db:
+            self.store.put_file(db, "secrets", f"values/{name}.sealed", sealed)
+        log.info("secret %s set (%d bytes, sealed)", name, len(data))
+        return {"name": name, "bytes": len(data)}
+
+    def _admin_secrets_list(self) -> list[dict[str, Any]]:
+        rows = self.store.query("SELECT path, updated_at FROM trees WHERE tree = 'secrets' AND path LIKE 'values/%' ORDER BY path")
+        return [{"name": r[0][len("values/"):-len(".sealed")], "updated_at": r[1]} for r in rows]
+
+    def _secret_values(self, names: list[str]) -> dict[str, str]:
+        values = {}
+        for name in names:
+            sealed = self.store.get_file("secrets", f"values/{name}.sealed")
+            if sealed is None:
+                raise StackError(f"secret {name!r} is referenced by the stack but not set",
+                                 expected=f"`vigocli secrets set {name}` first", got="no such secret")
+            values[name] = self.secrets.open(name, sealed).decode()
+        return values
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def error_of(exc: Exception) -> dict[str, Any]:
+    """The error-frame body for an exception raised while answering one request."""
+    if isinstance(exc, ProtocolError):
+        return {"code": exc.code, "reason": exc.reason}
+    for cls, code in ((TokenError, "bad_token"), (RevokedError, "revoked"), (AdmissionError, "forbidden"),
+                      (StackError, "bad_body"), (ConfigError, "bad_body")):
+        if isinstance(exc, cls):
+            return {"code": code, "reason": str(exc)}
+    return {"code": "conflict" if isinstance(exc, VigoError) else "internal", "reason": str(exc)}
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _local_ips() -> list[str]:
+    try:
+        from vigo.agent.traits import collect
+
+        return [ip for ip in collect(None).get("ips", []) if ":" not in ip]
+    except Exception:
+        return []
