@@ -295,8 +295,8 @@ _SCHEMAS = (
         _f("retry_after_s", float, "seconds to wait before retrying",
            required=False, nullable=True),
     )),
-    Schema("ping", "any", "keepalive / liveness probe; fields ignored"),
-    Schema("pong", "any", "reply to ping; fields ignored"),
+    Schema("ping", "client", "keepalive / liveness probe; fields ignored"),
+    Schema("pong", "server", "reply to ping; fields ignored"),
 )
 
 #: Every message type this version knows, by its "t".

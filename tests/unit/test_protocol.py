@@ -303,7 +303,7 @@ def test_unknown_type_lists_the_known_ones():
         ("results", {"reports": {}}, "field 'reports' must be list of map (run_id: str), got dict"),
         ("results", {"reports": [{"run_id": "a"}, "b"]}, "reports[1] must be a map, got str 'b'"),
         ("results", {"reports": [{}]}, "missing required field 'reports[0].run_id' (str)"),
-        ("results", {"reports": [{"run_id": 1}]}, "field 'reports[0].run_id' must be str, got int 1"),
+        ("results", {"reports": [{"run_id": 1}]}, "'reports[0].run_id' must be str, got int 1"),
         ("results_ok", {"acked": ["a", b"b"]}, "field 'acked[1]' must be str, got bytes (1 bytes)"),
         ("error", {"retry_after_s": "soon"}, "field 'retry_after_s' must be float or nil"),
     ],
@@ -343,7 +343,7 @@ def test_encode_refuses_what_a_receiver_would_refuse():
         encode("ping", 1, {"x": {1, 2}})
     # packb accepts an int map key deep in traits (a YAML trait file can produce one);
     # the receiver would not, so neither does the sender.
-    with pytest.raises(ProtocolError, match="would be refused.*map key"):
+    with pytest.raises(ProtocolError, match=r"would be refused.*map key"):
         encode("checkin", 1, {**SAMPLES["checkin"], "traits": {"custom": {1: "one"}}})
 
 
@@ -376,14 +376,14 @@ def test_error_codes_are_the_documented_set():
         "bad_token", "revoked", "overloaded", "not_found", "conflict", "internal", "unavailable",
     ]
     assert all(meaning and "\n" not in meaning for meaning in ERROR_CODES.values())
-    assert CLOSING_CODES <= set(ERROR_CODES)
+    assert set(ERROR_CODES) >= CLOSING_CODES
     assert {"bad_body", "unknown_type", "bad_token", "forbidden", "overloaded"}.isdisjoint(
         CLOSING_CODES
     )
 
 
 def test_error_body():
-    assert error_body("not_found", "no envoy e-9") == {"code": "not_found", "reason": "no envoy e-9"}
+    assert error_body("not_found", "no e-9") == {"code": "not_found", "reason": "no e-9"}
     body = error_body("overloaded", "busy", retry_after_s=3)
     assert body["retry_after_s"] == 3.0
     assert read(encode("error", 5, body)).body == {**body, "retry_after_s": 3.0}
@@ -412,7 +412,9 @@ _scalars = (
 )
 _values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 _field_names = st.sampled_from(sorted({f.name for s in MESSAGES.values() for f in s.fields}))
@@ -592,7 +594,8 @@ def test_notify_arriving_while_waiting_is_delivered_by_receive():
             reply = await connection.request("admin", admin("notify"))
             assert reply.body == {"result": "after notify"}
             notify = await asyncio.wait_for(connection.receive(), 5)
-            assert (notify.type, notify.id, notify.body) == ("notify", 0, {"reason": "bundle_changed"})
+            assert (notify.type, notify.id) == ("notify", 0)
+            assert notify.body == {"reason": "bundle_changed"}
 
     asyncio.run(main())
 
@@ -639,7 +642,7 @@ def test_request_timeout_and_broken_frames_from_the_gateway():
 
     async def main() -> None:
         async with gateway(silent, request_timeout_s=0.2) as connection:
-            with pytest.raises(UnavailableError, match=r"no reply to ping #1 within 0.2 s"):
+            with pytest.raises(UnavailableError, match=r"no reply to ping #1 within 0\.2 s"):
                 await connection.request("ping", {})
         async with gateway(garbage) as connection:
             with pytest.raises(ProtocolError, match="bad_msgpack"):

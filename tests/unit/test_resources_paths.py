@@ -24,7 +24,7 @@ def ctx(tmp_path):
 def test_file_create_update_idempotent(ctx, tmp_path):
     r = res("file", "/etc/app/conf", content="a\nb\n", mode="0640")
     out = r.apply(ctx)
-    assert out.status == CHANGED and "created" in out.changes and any("parent" in c for c in out.changes)
+    assert out.status == CHANGED and "created (4 bytes)" in out.changes and any("parent" in c for c in out.changes)
     path = tmp_path / "etc/app/conf"
     assert path.read_text() == "a\nb\n" and path.stat().st_mode & 0o7777 == 0o640
     assert r.apply(ctx).status == OK
