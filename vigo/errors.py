@@ -200,9 +200,13 @@ class ServerError(VigoError):
 class UnavailableError(ServerError, ConnectionError):
     """No gateway reachable, or the gateway is overloaded: try again later."""
 
+    exit_code = 3
+
 
 class AdminAuthError(VigoError):
     """An admin request without a valid Ray cluster token."""
+
+    exit_code = 4
 
 
 def _show(value: object, limit: int = 80) -> str:

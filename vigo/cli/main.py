@@ -16,16 +16,24 @@ except ImportError:  # the envoy-only install has no typer
 
 
 def _app():
-    from vigo.cli import stack
+    from vigo.cli import fleet, secrets, server, stack
 
     app = typer.Typer(
         name="vigocli",
-        help="Operate vigo: build and sign policy stacks (more command groups arrive with the server).",
+        help=(
+            "Operate vigo. Commands other than `stack build|check|keygen` talk to a running server "
+            "through the Ray dashboard (--address, env VIGO_ADDRESS, default http://127.0.0.1:8265), "
+            "authenticated by the Ray cluster token (RAY_AUTH_TOKEN or ~/.ray/auth_token)."
+        ),
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
     )
+    app.add_typer(server.app, name="server")
     app.add_typer(stack.app, name="stack")
+    app.add_typer(fleet.envoys, name="envoys")
+    app.add_typer(fleet.tokens, name="token")
+    app.add_typer(secrets.app, name="secrets")
     return app
 
 

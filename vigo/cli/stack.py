@@ -9,10 +9,12 @@ from typing import Annotated, Any
 
 import typer
 
+from vigo.cli import client, output
+from vigo.cli.options import Address, JsonFlag
 from vigo.errors import ConfigError, StackError
 
 app = typer.Typer(
-    help="Build, check and sign policy stacks (works offline: no server, no Ray).",
+    help="Build, check, sign and push policy stacks (build/check/keygen work offline: no server, no Ray).",
     no_args_is_help=True,
 )
 
@@ -128,3 +130,56 @@ def _load_secrets(path: Path) -> dict[str, str]:
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str | int | float) for k, v in data.items()):
         raise StackError("secrets file must map names to values", file=str(path), expected="name: value pairs", got=type(data).__name__)
     return {k: str(v) for k, v in data.items()}
+
+
+def stack_files(stack_dir: Path) -> dict[str, bytes]:
+    """What `stack push` uploads: the policies, templates/ and files/ of a validated stack."""
+    from vigo.policy.stack import load_stack
+
+    stack = load_stack(stack_dir)
+    root = stack.root
+    out: dict[str, bytes] = {}
+    for policy in stack.policies:
+        out[policy.file] = (root / policy.file).read_bytes()
+    for rel, text in stack.templates.items():
+        out[f"templates/{rel}"] = text.encode()
+    for rel, data in stack.files.items():
+        out[f"files/{rel}"] = data
+    return out
+
+
+@app.command("push")
+def push(
+    stack_dir: Annotated[Path, typer.Argument(help="the stack folder")],
+    address: Address = client.DEFAULT_ADDRESS,
+    as_json: JsonFlag = False,
+) -> None:
+    """Validate STACK_DIR here, upload it; the server validates again, builds and signs a
+    bundle with the next serial and its term, and tells connected envoys to converge."""
+    files = stack_files(stack_dir)
+    result = client.admin(address, "stack.push", {"files": files, "name": stack_dir.resolve().name})
+    if as_json:
+        output.emit_json(result)
+    else:
+        typer.echo(f"pushed {stack_dir}: bundle {result['version']} serial {result['serial']} term {result['term']}, "
+                   f"{result['policies']} policies, {result['resources']} resources"
+                   + (f", secrets {', '.join(result['secrets'])}" if result["secrets"] else ""))
+
+
+@app.command("show")
+def show(address: Address = client.DEFAULT_ADDRESS, as_json: JsonFlag = False) -> None:
+    """The bundle the server hands out now, and the last pushes."""
+    result = client.admin(address, "stack.show")
+    if as_json:
+        output.emit_json(result)
+        return
+    if result is None:
+        typer.echo("no stack pushed yet: vigocli stack push DIR")
+        return
+    s = result["summary"]
+    typer.echo(output.kv([("version", result["version"]), ("serial", result["serial"]), ("term", result["term"]),
+                          ("pushed", output.when(result["pushed_at"])), ("policies", s["policies"]),
+                          ("resources", s["resources"]), ("secrets", ", ".join(s["secrets"]) or "none"),
+                          ("files", len(s["files"]))]))
+    typer.echo("\n" + output.table([(h["serial"], h["version"], output.when(h["pushed_at"])) for h in result["history"]],
+                                   ["SERIAL", "VERSION", "PUSHED"]))

@@ -51,7 +51,7 @@ class Backend(Protocol):
     async def revocations(self) -> list[dict[str, Any]]: ...
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: connections live in a set
 class _Conn:
     writer: asyncio.StreamWriter
     envoy_id: str | None

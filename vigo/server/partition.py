@@ -31,6 +31,7 @@ from vigo.errors import (
     ConfigError,
     ProtocolError,
     RevokedError,
+    SecretError,
     StackError,
     TokenError,
     VigoError,
@@ -400,7 +401,7 @@ def error_of(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, ProtocolError):
         return {"code": exc.code, "reason": exc.reason}
     for cls, code in ((TokenError, "bad_token"), (RevokedError, "revoked"), (AdmissionError, "forbidden"),
-                      (StackError, "bad_body"), (ConfigError, "bad_body")):
+                      (StackError, "bad_body"), (ConfigError, "bad_body"), (SecretError, "bad_body")):
         if isinstance(exc, cls):
             return {"code": code, "reason": str(exc)}
     return {"code": "conflict" if isinstance(exc, VigoError) else "internal", "reason": str(exc)}

@@ -1,0 +1,104 @@
+"""`Gateway`: the async Ray actor that runs the TCP+TLS server (vigo.server.gateway) on its node.
+
+The server runs on the actor's own event loop, started in ``__init__`` and never awaited
+forever inside a method (that would hold a concurrency slot). Envoy batches and admin calls go
+to the partition's primary through a ``RayBackend``; the primary's name comes from the control
+actor, re-read when a call fails, so a promotion (a later issue) re-routes without a restart.
+The endpoint is published through ``__repr__`` so `vigocli` finds it via the dashboard's State
+API without importing Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+
+from vigo import config as config_mod
+from vigo.actors import NAMESPACE
+from vigo.raytoken import load_token
+from vigo.server.gateway import GatewayServer
+
+log = logging.getLogger("vigo.actors.gateway")
+
+
+class RayBackend:
+    def __init__(self, partition: str) -> None:
+        self.partition = partition
+        self.control = ray.get_actor("control", namespace=NAMESPACE)
+        self.primary: Any = None
+
+    async def resolve(self) -> Any:
+        route = await self.control.route.remote(self.partition)
+        if not route:
+            raise RuntimeError(f"control knows no primary for partition {self.partition}")
+        self.primary = ray.get_actor(route["primary"], namespace=NAMESPACE)
+        return self.primary
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        primary = self.primary or await self.resolve()
+        try:
+            return await getattr(primary, method).remote(*args)
+        except (ray.exceptions.RayActorError, ValueError):
+            primary = await self.resolve()  # the route may have changed (restart, promotion)
+            return await getattr(primary, method).remote(*args)
+
+    async def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self._call("handle_batch", items)
+
+    async def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        return await self._call("admin", op, args)
+
+    async def bundle_bytes(self, serial: int) -> bytes:
+        return await self._call("bundle_bytes", serial)
+
+    async def revocations(self) -> list[dict[str, Any]]:
+        return await self._call("revocations")
+
+
+class Gateway:
+    async def __init__(self, name: str, partition: str, host: str, port: int) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.name = name
+        self.backend = RayBackend(partition)
+        primary = await self.backend.resolve()
+        material = await primary.gateway_material.remote()
+        cfg = config_mod.from_dict(material["config"])
+        self.ca_fingerprint = material["ca_fingerprint"]
+        # vigocli pins the gateway's own certificate by this digest, read from the dashboard.
+        self.cert_fingerprint = cert_fingerprint(material["cert_pem"])
+        self.server = GatewayServer(
+            self.backend, ca_pem=material["ca_pem"], cert_pem=material["cert_pem"], key_pem=material["key_pem"],
+            cfg=cfg.gateway, host=host, port=port, admin_token=load_token,
+            revocations=material["revocations"],
+        )
+        await self.server.start()
+        self.advertise = host if host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address()
+        await self.backend.control.register_gateway.remote(
+            name, f"{self.advertise}:{self.server.port}", ray.get_runtime_context().get_node_id())
+
+    async def status(self) -> dict[str, Any]:
+        return {"name": self.name, "advertise": f"{self.advertise}:{self.server.port}", **self.server.status()}
+
+    async def notify_all(self, reason: str) -> int:
+        return await self.server.notify_all(reason)
+
+    async def ping(self) -> str:
+        return "ok"
+
+    async def __ray_shutdown__(self) -> None:
+        await self.server.stop()
+
+    def __repr__(self) -> str:
+        server = getattr(self, "server", None)
+        if server is None:
+            return "vigo-gateway[starting]"
+        return f"vigo-gateway@{self.advertise}:{server.port} cert={self.cert_fingerprint}"
+
+
+def cert_fingerprint(cert_pem: bytes) -> str:
+    import hashlib
+    import ssl
+
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert_pem.decode())).hexdigest()

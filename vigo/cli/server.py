@@ -1,0 +1,209 @@
+"""`vigocli server ...`: start a dev server, deploy onto a cluster, show status, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as pysecrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vigo.cli import client, output
+from vigo.cli.options import Address, JsonFlag
+from vigo.errors import ConfigError, UnavailableError
+
+app = typer.Typer(help="Start, deploy, inspect and stop the vigo control plane.", no_args_is_help=True)
+
+DEV_MARKER = "dev-head.json"
+EXAMPLE_STACK = Path(__file__).resolve().parent.parent / "examples" / "stack"
+
+
+def _say(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+def _ray_bin() -> str:
+    found = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if not found:
+        raise ConfigError("the `ray` command is not installed: pip install 'vigo[server]'")
+    return found
+
+
+def _ensure_token() -> None:
+    from vigo.raytoken import load_token, token_path
+
+    if load_token():
+        return
+    _say(f"creating a Ray cluster token in {token_path()}")
+    subprocess.run([_ray_bin(), "get-auth-token", "--generate"], check=True, capture_output=True)
+
+
+def _ray_env() -> dict[str, str]:
+    return {**os.environ, "RAY_AUTH_MODE": "token"}
+
+
+def _connect_ray() -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="auto", namespace="vigo", logging_level="ERROR", log_to_driver=False)
+
+
+@app.command("start")
+def start(
+    dev: Annotated[bool, typer.Option("--dev", help="start a local Ray head and a one-node vigo on this machine")] = False,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="where the partition's state lives (default: ~/.local/state/vigo/dev)")] = None,
+    port: Annotated[int, typer.Option("--port", help="gateway TCP port (TLS)")] = 7700,
+    dashboard_port: Annotated[int, typer.Option("--dashboard-port", help="Ray dashboard port")] = 8265,
+    as_json: JsonFlag = False,
+) -> None:
+    """Start a development server: a local Ray head with its dashboard, the control, primary
+    and gateway actors, the example stack pushed, and a join token. Returns once it is up,
+    like `ray start --head`; stop it with `vigocli server stop`."""
+    if not dev:
+        raise ConfigError("only `server start --dev` exists; on a cluster use `vigocli server deploy --config server.yaml`")
+    from vigo import config as config_mod
+
+    data_dir = (data_dir or config_mod.dev_data_dir()).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    address = f"http://127.0.0.1:{dashboard_port}"
+    _ensure_token()
+    host = socket.gethostname()
+    t0 = time.time()
+    try:
+        client.find_gateways(address, client.cluster_token())
+        raise ConfigError(f"a vigo server already answers at {address}; `vigocli server status` or `vigocli server stop`")
+    except UnavailableError:
+        pass
+    _say(f"[1/4] starting a Ray head (dashboard {address}, label vigo-host={host}) ...")
+    proc = subprocess.run(
+        [_ray_bin(), "start", "--head", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--labels", f"vigo-host={host}", "--disable-usage-stats"],
+        env=_ray_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ConfigError(f"`ray start --head` failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+    (data_dir / DEV_MARKER).write_text(json.dumps({"address": address, "started_at": time.time(), "host": host}))
+
+    _say("[2/4] deploying control, primary and gateway actors ...")
+    _connect_ray()
+    from vigo.actors.deploy import deploy
+
+    cfg = config_mod.ServerConfig.local(data_dir, port)
+    deployed = deploy(cfg, host=host)
+    gateway = next(iter(deployed["gateways"].values()))
+
+    _say("[3/4] pushing the example stack ...")
+    stack_dir = data_dir / "example-stack"
+    if not stack_dir.exists():
+        shutil.copytree(EXAMPLE_STACK, stack_dir)
+    existing = {s["name"] for s in client.admin(address, "secrets.list")}
+    if "api_token" not in existing:
+        client.admin(address, "secrets.set", {"name": "api_token", "value": "demo-" + pysecrets.token_hex(8)})
+    from vigo.cli.stack import stack_files
+
+    pushed = client.admin(address, "stack.push", {"files": stack_files(stack_dir)})
+    _say("[4/4] creating a join token ...")
+    token = client.admin(address, "token.create", {"uses": 100, "note": "dev server"})
+    info = {"address": address, "gateway": gateway, "data_dir": str(data_dir), "stack_dir": str(stack_dir),
+            "bundle": {"version": pushed["version"], "serial": pushed["serial"]}, "join_token": token["token"],
+            "token_expires_at": token["expires_at"], "seconds": round(time.time() - t0, 1)}
+    if as_json:
+        output.emit_json(info)
+        return
+    typer.echo(f"""vigo dev server is up ({info['seconds']} s).
+  dashboard   {address}
+  gateway     {gateway}
+  data dir    {data_dir}
+  stack       {stack_dir}  (bundle {pushed['version']} serial {pushed['serial']})
+  join token  {token['token']}  (100 joins, expires {output.when(token['expires_at'])})
+
+Next:
+  vigo-envoy join --server {gateway} --token {token['token']} --state-dir /tmp/envoy1
+  vigo-envoy run --once --state-dir /tmp/envoy1 --root /tmp/envoy1/root
+  vigocli envoys list
+  vigocli stack push {stack_dir}      # after editing it
+  vigocli server stop""")
+
+
+@app.command("deploy")
+def deploy_cmd(
+    config: Annotated[Path, typer.Option("--config", help="server.yaml (see docs/configuration.md)")],
+    host: Annotated[str | None, typer.Option("--host", help="vigo-host label of the node holding data_dir (default: this host)")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Deploy control, the primary and one gateway per labelled node onto the Ray cluster this
+    machine belongs to (run on a cluster node; `cluster.yaml` does it after `ray up`)."""
+    from vigo import config as config_mod
+
+    cfg = config_mod.load(config)
+    _connect_ray()
+    from vigo.actors.deploy import deploy
+
+    deployed = deploy(cfg, host=host)
+    if as_json:
+        output.emit_json(deployed)
+    else:
+        typer.echo(output.kv([("partition", deployed["partition"]), ("term", deployed["term"]),
+                              ("primary", deployed["primary"]),
+                              *[(f"gateway {n}", e) for n, e in deployed["gateways"].items()]]))
+
+
+@app.command("status")
+def status(address: Address = client.DEFAULT_ADDRESS, as_json: JsonFlag = False) -> None:
+    """The partition: term, bundle, envoy counts by status, database; and every gateway."""
+    token = client.cluster_token()
+    gateways = client.find_gateways(address, token)
+    info = client.admin(address, "status")
+    info["gateways"] = [{"name": g.name, "endpoint": f"{g.host}:{g.port}"} for g in gateways]
+    if as_json:
+        output.emit_json(info)
+        return
+    bundle = info["bundle"]
+    counts = ", ".join(f"{n} {k}" for k, n in info["status_counts"].items() if n) or "none"
+    typer.echo(output.kv([
+        ("partition", f"{info['partition']} (term {info['term']})"),
+        ("bundle", f"{bundle['version']} serial {bundle['serial']}, pushed {output.ago(bundle['pushed_at'])}" if bundle else "none pushed"),
+        ("envoys", f"{info['envoys']} ({counts})"),
+        ("runs stored", info["runs_stored"]),
+        ("data dir", info["data_dir"]),
+        ("WAL pages", info["wal_pages"]),
+        ("CA fingerprint", info["ca_fingerprint"]),
+        ("signing key", info["signing_key_id"]),
+        *[(f"gateway {g['name']}", g["endpoint"]) for g in info["gateways"]],
+    ]))
+
+
+@app.command("stop")
+def stop(
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="dev data dir (default: ~/.local/state/vigo/dev)")] = None,
+) -> None:
+    """Stop vigo's actors; if this machine's Ray head was started by `server start --dev`, stop
+    it too. Data stays in the data dir; `server start --dev` picks it up again."""
+    from vigo import config as config_mod
+
+    data_dir = (data_dir or config_mod.dev_data_dir()).resolve()
+    marker = data_dir / DEV_MARKER
+    killed: list[str] = []
+    try:
+        _connect_ray()
+        from vigo.actors.deploy import teardown
+
+        killed = teardown()
+        import ray
+
+        ray.shutdown()
+    except (ConnectionError, RuntimeError) as exc:
+        _say(f"no Ray cluster to stop actors on ({exc})")
+    _say(f"stopped actors: {', '.join(killed) or 'none'}")
+    if marker.exists():
+        proc = subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, text=True, env=_ray_env())
+        marker.unlink(missing_ok=True)
+        _say("stopped the dev Ray head" if proc.returncode == 0 else f"`ray stop` failed: {proc.stderr.strip()[-400:]}")
