@@ -72,6 +72,7 @@ class QueueStats:
     oldest_started_at: float | None
     newest_started_at: float | None
     summarized_runs: int
+    offline_runs: int = 0  # runs made without a server (checkin's offline_runs)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -204,6 +205,18 @@ class Cache:
 
     def set_meta(self, key: str, value: Any) -> None:
         self._put("meta", key.encode(), value)
+
+    def update_meta(self, values: dict[str, Any]) -> None:
+        """Set several meta keys in one transaction (all or none); a None value deletes its key."""
+        try:
+            with self._write() as txn:
+                for key, value in values.items():
+                    if value is None:
+                        txn.delete(key.encode(), db=self._db["meta"])
+                    else:
+                        txn.put(key.encode(), _pack(value), db=self._db["meta"])
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot write {', '.join(values)} to the envoy cache: {exc}") from exc
 
     def _put(self, db: str, key: bytes, value: Any) -> None:
         try:
@@ -457,8 +470,20 @@ class Cache:
             raise CacheError(f"cannot delete acknowledged reports: {exc}") from exc
         return removed
 
+    def quarantine_run(self, run_id: str, reason: str) -> bool:
+        """Move one queued report aside by run id (a report no server will ever accept); False
+        if it is no longer queued."""
+        with self.env.begin() as txn:
+            key = txn.get(str(run_id).encode(), db=self._db["runs"])
+            raw = None if key is None else txn.get(key, db=self._db["queue"])
+            key, raw = (None, None) if raw is None else (bytes(key), bytes(raw))
+        if key is None:
+            return False
+        self.quarantine("queue", key, raw, reason)
+        return True
+
     def queue_stats(self) -> QueueStats:
-        entries = runs = size = summarized = 0
+        entries = runs = size = summarized = offline = 0
         oldest = newest = None
         with self.env.begin() as txn:
             for _key, raw in txn.cursor(db=self._db["queue"]):
@@ -475,14 +500,17 @@ class Cache:
                     count = count if isinstance(count, int) else 0
                     runs += count
                     summarized += count
+                    folded_offline = entry.get("offline")
+                    offline += folded_offline if isinstance(folded_offline, int) else 0
                     first, last = entry.get("first_started_at"), entry.get("last_started_at")
                 else:
                     runs += 1
+                    offline += 1 if entry.get("offline") else 0
                     first = last = entry.get("started_at")
                 if first is not None:
                     oldest = first if oldest is None else min(oldest, first)
                     newest = last if newest is None else max(newest, last)
-        return QueueStats(entries, runs, size, oldest, newest, summarized)
+        return QueueStats(entries, runs, size, oldest, newest, summarized, offline)
 
     # --- inspection -------------------------------------------------------------------
 
