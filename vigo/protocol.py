@@ -519,7 +519,13 @@ def _frame_from(envelope: Any) -> Frame:
         raise _envelope_error("id", f"an int in 0..{MAX_ID}", id_)
     if not isinstance(body, dict):
         raise _envelope_error("b", "a map", body)
-    return Frame(type_, id_, validate_body(type_, body))
+    try:
+        return Frame(type_, id_, validate_body(type_, body))
+    except ProtocolError as exc:
+        # A message-level error: the stream is still at a frame boundary, so the receiver can
+        # answer this request by its id and keep the connection.
+        exc.frame_id = id_
+        raise
 
 
 def _envelope_error(field: str, expected: str, got: Any) -> ProtocolError:

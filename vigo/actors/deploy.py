@@ -76,7 +76,16 @@ def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | Non
             **common,
         ).remote(name, cfg.partition, cfg.listen.host, cfg.listen.port)
         gateways[name] = gw
-    endpoints = {name: ray.get(gw.status.remote(), timeout=timeout_s)["advertise"] for name, gw in gateways.items()}
+    endpoints = {}
+    for name, gw in gateways.items():
+        try:
+            endpoints[name] = ray.get(gw.status.remote(), timeout=timeout_s)["advertise"]
+        except Exception as exc:
+            # A gateway that cannot start (port taken) would restart forever: stop it, say why.
+            ray.kill(gw, no_restart=True)
+            raise RuntimeError(
+                f"gateway {name} did not start on port {cfg.listen.port}: {str(exc).strip().splitlines()[-1]}"
+            ) from exc
     log.info("deployed partition %s (term %d) with gateways %s", cfg.partition, ping["term"], endpoints)
     return {"partition": cfg.partition, "term": ping["term"], "primary": primary_name, "gateways": endpoints}
 

@@ -73,8 +73,8 @@ class Gateway:
             cfg=cfg.gateway, host=host, port=port, admin_token=load_token,
             revocations=material["revocations"],
         )
-        await self.server.start()
         self.advertise = host if host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address()
+        await self.server.start()
         await self.backend.control.register_gateway.remote(
             name, f"{self.advertise}:{self.server.port}", ray.get_runtime_context().get_node_id())
 
@@ -87,8 +87,11 @@ class Gateway:
     async def ping(self) -> str:
         return "ok"
 
-    async def __ray_shutdown__(self) -> None:
-        await self.server.stop()
+    def __ray_shutdown__(self) -> None:
+        # Called synchronously by Ray on graceful exit: stop accepting, let the port go.
+        server = getattr(self, "server", None)
+        if server is not None and server._server is not None:
+            server._server.close()
 
     def __repr__(self) -> str:
         server = getattr(self, "server", None)

@@ -80,6 +80,37 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--json", action="store_true", help="print the run report as one JSON object")
     apply.add_argument("--diff", action="store_true", help="show content diffs (always shown with --noop)")
 
+    join = sub.add_parser(
+        "join", parents=[state, traits_dir], help="enrol this host with a vigo server (once)",
+        description=(
+            "Make this envoy's key and a certificate request, present the join token to the first "
+            "reachable gateway, and store the certificate, the fleet CA and the bundle signing key "
+            "it answers with. The gateway's TLS certificate must be signed by the CA it sends "
+            "(and the CA must match --ca-fingerprint when given), or nothing is stored."
+        ),
+    )
+    join.add_argument("--server", action="append", required=True, metavar="HOST:PORT", type=_server_arg,
+                      help="a gateway address; repeat for several (tried in order, remembered for runs)")
+    join.add_argument("--token", required=True, help="the join token from `vigocli token create`")
+    join.add_argument("--ca-fingerprint", metavar="SHA256HEX", type=_fingerprint_arg,
+                      help="pin the fleet CA: its certificate's SHA-256 (`vigocli server status` shows it)")
+    join.add_argument("--json", action="store_true", help="print the enrolment as one JSON object")
+
+    run = sub.add_parser(
+        "run", parents=[state, traits_dir], help="check in, converge, report (--once: one run)",
+        description=(
+            "Check in with the first reachable gateway (mutual TLS), take a newer bundle if there is "
+            "one, converge, queue the report and send the queue. With no gateway reachable the "
+            "cached bundle is enforced and the reports stay queued until a later run sends them."
+        ),
+    )
+    run.add_argument("--once", action="store_true", help="one run, then exit (the daemon comes later)")
+    run.add_argument("--root", type=Path, help="resolve every managed path under this folder (tests, demos)")
+    run.add_argument("--noop", action="store_true", help="change nothing; report what would change, with diffs")
+    run.add_argument("--json", action="store_true",
+                     help="print the run report as one JSON object, with \"server\" and \"flushed\"")
+    run.add_argument("--diff", action="store_true", help="show content diffs (always shown with --noop)")
+
     tr = sub.add_parser("traits", parents=[traits_dir], help="print this host's traits",
                         description="Collect and print the traits a run would evaluate conditions against.")
     tr.add_argument("--json", action="store_true", help="JSON instead of flattened key = value lines")
@@ -123,6 +154,66 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(json.dumps(report, sort_keys=False))
     else:
         _print_report(report, show_diff=args.diff or args.noop)
+    return EXIT_FAILED if report["counts"]["failed"] else EXIT_OK
+
+
+def _server_arg(text: str) -> str:
+    from vigo.agent.client import parse_server
+
+    try:
+        parse_server(text)
+    except VigoError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text.strip()
+
+
+def _fingerprint_arg(text: str) -> str:
+    from vigo.agent.client import normalise_fingerprint
+
+    try:
+        return normalise_fingerprint(text)
+    except VigoError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cmd_join(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from vigo.agent.client import join_fleet
+
+    info = asyncio.run(join_fleet(
+        args.state_dir, args.server, args.token, ca_fingerprint=args.ca_fingerprint, traits_dir=args.traits_dir,
+    ))
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(info["envoy_id"])
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from vigo.agent.client import run_once
+    from vigo.agent.runner import RunOptions
+
+    if not args.once:
+        print("vigo-envoy run: the daemon is not available yet; use `vigo-envoy run --once` "
+              "(from cron or a systemd timer)", file=sys.stderr)
+        return EXIT_USAGE
+    result = asyncio.run(run_once(
+        RunOptions(state_dir=args.state_dir, root=args.root, noop=args.noop, traits_dir=args.traits_dir)
+    ))
+    report = result["report"]
+    if args.json:
+        print(json.dumps({**report, "server": result["server"], "flushed": result["flushed"]}))
+    else:
+        _print_report(report, show_diff=args.diff or args.noop)
+        if result["server"]:
+            print(f"server {result['server']}: {result['flushed']} report(s) acknowledged, "
+                  f"{result['queued']} still queued")
+        else:
+            print(f"offline: enforced the cached bundle; {result['queued']} report(s) queued")
     return EXIT_FAILED if report["counts"]["failed"] else EXIT_OK
 
 
@@ -193,7 +284,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
         ("last run", (f"{_ago(last['started_at'])}: " + ", ".join(f"{n} {k}" for k, n in last["counts"].items())
                       + (" (noop)" if last["noop"] else "")) if last else "never"),
         ("quarantined entries", str(len(info["quarantined"]))),
+        ("servers", ", ".join(info.get("servers") or []) or "not joined"),
+        ("last checkin", _ago(info.get("last_checkin_at"))),
     ]
+    if info.get("revoked"):
+        rows.append(("REVOKED", f"{_ago(info['revoked'].get('at'))}: {info['revoked'].get('reason')}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -214,7 +309,9 @@ def _ago(ts: float | None) -> str:
     return f"{stamp} ({delta / 3600:.1f} h ago)"
 
 
-_COMMANDS = {"apply": _cmd_apply, "traits": _cmd_traits, "status": _cmd_status}
+_COMMANDS = {
+    "apply": _cmd_apply, "join": _cmd_join, "run": _cmd_run, "traits": _cmd_traits, "status": _cmd_status,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -90,24 +90,38 @@ def apply_once(opts: RunOptions) -> dict[str, Any]:
                     f"no bundle to enforce: the cache in {state_dir} holds none; "
                     "pass --bundle FILE (or join a server)"
                 )
-            host_traits = traits.collect(opts.traits_dir)
-            cache.store_traits(host_traits)
-            report = engine.converge(
-                current,
-                host_traits,
-                root=opts.root,
-                noop=opts.noop,
-                envoy_id=cache.envoy_id,
-                offline=opts.offline,
-                env=opts.env,
-                digest=traits.traits_digest(host_traits),
-            )
-            cache.enqueue(report, last_run=last_run_summary(report))
-            log.info(
-                "run %s bundle %s serial %d: %s", report["run_id"], report["bundle_version"],
-                report["serial"], _counts_text(report["counts"]),
-            )
-            return report
+            return converge_and_queue(cache, current, opts, offline=opts.offline)
+
+
+def converge_and_queue(
+    cache: Cache,
+    bundle: bundle_mod.Bundle,
+    opts: RunOptions,
+    *,
+    offline: bool,
+    host_traits: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Converge a verified ``bundle`` against traits (fresh unless given) and commit the report
+    to the queue before returning it. The caller holds the run lock and owns ``cache``."""
+    if host_traits is None:
+        host_traits = traits.collect(opts.traits_dir)
+    cache.store_traits(host_traits)
+    report = engine.converge(
+        bundle,
+        host_traits,
+        root=opts.root,
+        noop=opts.noop,
+        envoy_id=cache.envoy_id,
+        offline=offline,
+        env=opts.env,
+        digest=traits.traits_digest(host_traits),
+    )
+    cache.enqueue(report, last_run=last_run_summary(report))
+    log.info(
+        "run %s bundle %s serial %d%s: %s", report["run_id"], report["bundle_version"],
+        report["serial"], " (offline)" if offline else "", _counts_text(report["counts"]),
+    )
+    return report
 
 
 def _trusted_key(cache: Cache, trust_path: Path | None):
@@ -167,6 +181,9 @@ def status(state_dir: Path) -> dict[str, Any]:
             "highest_term": cache.meta("highest_term", 0),
             "queue": stats.as_dict(),
             "last_run": cache.meta("last_run"),
+            "servers": cache.meta("servers", []),
+            "last_checkin_at": cache.meta("last_checkin_at"),
+            "revoked": cache.meta("revoked"),
             "quarantined": cache.quarantined(),
             "checked_at": time.time(),
         }
@@ -176,4 +193,6 @@ def _counts_text(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {k}" for k, n in counts.items())
 
 
-__all__ = ["RunOptions", "VigoError", "apply_once", "open_cache", "run_lock", "status"]
+__all__ = [
+    "RunOptions", "VigoError", "apply_once", "converge_and_queue", "open_cache", "run_lock", "status",
+]

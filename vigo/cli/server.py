@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets as pysecrets
@@ -49,12 +50,51 @@ def _ray_env() -> dict[str, str]:
     return {**os.environ, "RAY_AUTH_MODE": "token"}
 
 
-def _connect_ray() -> None:
+def _connect_ray(address: str = "auto") -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="auto", namespace="vigo", logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, namespace="vigo", logging_level="ERROR", log_to_driver=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dev_temp_dir(data_dir: Path) -> Path:
+    # Ray's unix sockets live under its temp dir and must stay under ~100 characters, so the
+    # dev head gets a short private one (which also tells `server stop` which processes are ours).
+    import hashlib
+
+    return Path("/tmp") / f"vigo-ray-{hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]}"
+
+
+def _stop_dev_head(temp_dir: str) -> int:
+    """Stop the Ray processes of one dev head (found by its private temp dir), leaving any other
+    Ray on this machine alone: `ray stop` would kill them all."""
+    import signal
+
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if temp_dir in cmdline:
+            pids.append(int(proc.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + 5
+        while sig == signal.SIGTERM and time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.1)
+    return len(pids)
 
 
 @app.command("start")
@@ -63,6 +103,7 @@ def start(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="where the partition's state lives (default: ~/.local/state/vigo/dev)")] = None,
     port: Annotated[int, typer.Option("--port", help="gateway TCP port (TLS)")] = 7700,
     dashboard_port: Annotated[int, typer.Option("--dashboard-port", help="Ray dashboard port")] = 8265,
+    ray_port: Annotated[int, typer.Option("--ray-port", help="Ray GCS port of the dev head")] = 6379,
     as_json: JsonFlag = False,
 ) -> None:
     """Start a development server: a local Ray head with its dashboard, the control, primary
@@ -84,16 +125,24 @@ def start(
     except UnavailableError:
         pass
     _say(f"[1/4] starting a Ray head (dashboard {address}, label vigo-host={host}) ...")
+    temp_dir = _dev_temp_dir(data_dir)
+    gcs = f"127.0.0.1:{ray_port}"
+    # Every other port Ray opens is picked free, so a dev head can run beside another Ray.
     proc = subprocess.run(
-        [_ray_bin(), "start", "--head", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         "--labels", f"vigo-host={host}", "--disable-usage-stats"],
+        [_ray_bin(), "start", "--head", "--port", str(ray_port), "--node-ip-address", "127.0.0.1",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+         "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
+         "--temp-dir", str(temp_dir), "--labels", f"vigo-host={host}", "--disable-usage-stats"],
         env=_ray_env(), capture_output=True, text=True)
     if proc.returncode != 0:
+        _stop_dev_head(str(temp_dir))
         raise ConfigError(f"`ray start --head` failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
-    (data_dir / DEV_MARKER).write_text(json.dumps({"address": address, "started_at": time.time(), "host": host}))
+    (data_dir / DEV_MARKER).write_text(json.dumps(
+        {"address": address, "gcs": gcs, "temp_dir": str(temp_dir), "started_at": time.time(), "host": host}))
 
     _say("[2/4] deploying control, primary and gateway actors ...")
-    _connect_ray()
+    _connect_ray(gcs)
     from vigo.actors.deploy import deploy
 
     cfg = config_mod.ServerConfig.local(data_dir, port)
@@ -191,19 +240,20 @@ def stop(
 
     data_dir = (data_dir or config_mod.dev_data_dir()).resolve()
     marker = data_dir / DEV_MARKER
+    dev = json.loads(marker.read_text()) if marker.exists() else None
     killed: list[str] = []
     try:
-        _connect_ray()
+        _connect_ray(dev["gcs"] if dev else "auto")
         from vigo.actors.deploy import teardown
 
         killed = teardown()
         import ray
 
         ray.shutdown()
-    except (ConnectionError, RuntimeError) as exc:
+    except (ConnectionError, RuntimeError, ValueError) as exc:
         _say(f"no Ray cluster to stop actors on ({exc})")
     _say(f"stopped actors: {', '.join(killed) or 'none'}")
-    if marker.exists():
-        proc = subprocess.run([_ray_bin(), "stop", "--force"], capture_output=True, text=True, env=_ray_env())
+    if dev:
+        n = _stop_dev_head(dev["temp_dir"])
         marker.unlink(missing_ok=True)
-        _say("stopped the dev Ray head" if proc.returncode == 0 else f"`ray stop` failed: {proc.stderr.strip()[-400:]}")
+        _say(f"stopped the dev Ray head ({n} processes)")

@@ -177,6 +177,10 @@ class GatewayServer:
                     frame_timeout_s=self.cfg.frame_timeout_s)
             except ProtocolError as exc:
                 self.stats.protocol_errors += 1
+                if exc.code not in protocol.CLOSING_CODES and hasattr(exc, "frame_id"):
+                    await conn.send("error", exc.frame_id, protocol.error_body(exc.code, exc.reason),
+                                    self.cfg.max_frame_bytes)
+                    continue
                 await self._fail(conn, 0, exc.code, exc.reason)
                 return
             if frame is None:

@@ -292,8 +292,12 @@ class Partition:
             secrets = self._secret_values(stack.secret_names())
             serial = (self.current_serial() or 0) + 1
             built = bundle_mod.build(stack, signing_key=self.signing_key, serial=serial, term=self.term, secrets=secrets)
-        sealed = self.secrets.seal("bundle_secrets", built.raw_secrets) if built.raw_secrets else None
         summary = {**built.summary(), "secrets": sorted(built.secrets), "files": sorted(files)}
+        current = self.store.one("SELECT version, term FROM bundles ORDER BY serial DESC LIMIT 1")
+        if current is not None and tuple(current) == (built.version, self.term):
+            # Same content, same term: envoys already have it; a new serial would only churn.
+            return {**summary, "serial": serial - 1, "unchanged": True}
+        sealed = self.secrets.seal("bundle_secrets", built.raw_secrets) if built.raw_secrets else None
         with self.store.write() as db:
             db.execute("INSERT INTO bundles(serial, version, term, pushed_at, summary, bundle, secrets_sealed) "
                        "VALUES (?,?,?,?,?,?,?)",

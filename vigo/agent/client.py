@@ -1,0 +1,616 @@
+"""The envoy's online path: join a fleet, check in, flush the results queue.
+
+    EnvoyClient       one gateway connection: TLS, then frames (protocol.FrameConnection).
+                      Every way the network can fail becomes ``UnavailableError``; an error the
+                      gateway answers stays a ``ServerError`` with its code.
+    join_fleet        first contact. TLS *without* verification (the envoy does not know the CA
+                      yet), ``join``, then trust on first use, checked: the certificate the
+                      gateway presented on that very connection must be signed by the CA it
+                      sent (and that CA must have the pinned fingerprint, if one was given).
+                      Only then are key, certificate, CA, servers and bundle key stored.
+    run_once          one online run: checkin (first gateway that answers, mutual TLS) →
+                      accept a newer bundle → converge (fresh or cached bundle) → queue →
+                      flush in bounded batches. No gateway reachable: converge from the cache
+                      with ``offline=True``, keep the reports queued, say so in one line.
+
+Decisions:
+
+* A gateway whose checkin answer carries a term lower than one this envoy has already seen is
+  stale (a deposed primary behind it): its answer and bundle are ignored, the next gateway in
+  the list is tried, and with none left the run is offline. Reports are not sent to it.
+* ``revoked`` is not "unreachable": the fleet said this envoy must stop. The run converges
+  nothing, exits 1 with a clear message, and remembers it (meta ``revoked``) so later runs
+  refuse at once, also while no server is reachable, until ``vigo-envoy join`` with a new
+  token. The cached bundle is *not* enforced any more: an operator revokes a host to stop
+  managing it (decommissioned, repurposed, compromised), and a host that keeps converging
+  would fight whoever took it over. Queued reports stay queued.
+* Reports queued under another envoy id (runs from before joining, or before a re-join) are
+  sent under the current id with ``queued_as`` naming the old one: the server's id is the one
+  it knows this host by, and it refuses reports that name another envoy.
+
+This module is imported by the envoy: standard library, msgpack and cryptography only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+
+from vigo.agent import runner, traits
+from vigo.agent.cache import Cache
+from vigo.agent.enrolment import make_envoy_key_and_csr, tls_client_context
+from vigo.errors import (
+    AdmissionError,
+    BundleError,
+    BundleRefusedError,
+    ConfigError,
+    ProtocolError,
+    RevokedError,
+    ServerError,
+    UnavailableError,
+)
+from vigo.policy import bundle as bundle_mod
+from vigo.protocol import FrameConnection, encode
+
+log = logging.getLogger("vigo.agent.client")
+
+#: Files in the state directory written by ``join``.
+KEY_FILE = "envoy.key"
+CERT_FILE = "envoy.pem"
+CA_FILE = "ca.pem"
+#: Seconds allowed for TCP connect plus the TLS handshake, per gateway.
+CONNECT_TIMEOUT_S = 5.0
+#: Seconds to wait for the answer to one request (a healthy gateway answers in milliseconds;
+#: the run schedule must not wait on a gateway that accepted the connection and went quiet).
+REQUEST_TIMEOUT_S = 20.0
+#: Bounds of one ``results`` message.
+FLUSH_MAX_REPORTS = 50
+FLUSH_MAX_BYTES = 1024 * 1024
+#: Seconds to look for the error frame a gateway sent just before it closed on us.
+_CLOSING_ERROR_WAIT_S = 0.5
+#: Codes that say one report (not the connection or the server) is unacceptable.
+_REPORT_REFUSALS = frozenset({"bad_body", "forbidden", "frame_too_large"})
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+# --- addresses and certificates ----------------------------------------------------------------
+
+
+def parse_server(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as (host, port); ConfigError otherwise."""
+    text = address.strip()
+    match = re.fullmatch(r"\[(?P<v6>[^\]]+)\]:(?P<port>\d+)|(?P<host>[^:\[\]\s]+):(?P<port2>\d+)", text)
+    if match is None:
+        raise ConfigError(f"server address must be HOST:PORT (or [IPv6]:PORT), got {address!r}")
+    host = match["v6"] or match["host"]
+    port = int(match["port"] or match["port2"])
+    if not 0 < port < 65536:
+        raise ConfigError(f"server port must be 1..65535, got {port} in {address!r}")
+    return host, port
+
+
+def normalise_fingerprint(text: str) -> str:
+    """A SHA-256 fingerprint as 64 lowercase hex digits (colons and spaces dropped)."""
+    value = re.sub(r"[\s:]", "", text).lower()
+    if not _HEX64.fullmatch(value):
+        raise ConfigError(
+            f"CA fingerprint must be the SHA-256 of the CA certificate: 64 hex digits "
+            f"(colons allowed), got {text!r}"
+        )
+    return value
+
+
+def check_gateway_cert(
+    peer_der: bytes | None,
+    ca_pem: bytes,
+    *,
+    server: str,
+    expected_fingerprint: str | None = None,
+) -> str:
+    """Check what a gateway sent at join: the certificate it presented (DER) must be issued and
+    signed by ``ca_pem``, and the CA's SHA-256 must be ``expected_fingerprint`` when given.
+    Returns the CA fingerprint; AdmissionError saying which check failed otherwise."""
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError as exc:
+        raise AdmissionError(f"refusing server {server}: the CA it sent is not a PEM certificate ({exc})") from exc
+    fingerprint = ca.fingerprint(hashes.SHA256()).hex()
+    if not peer_der:
+        raise AdmissionError(f"refusing server {server}: it presented no TLS certificate")
+    try:
+        leaf = x509.load_der_x509_certificate(peer_der)
+    except ValueError as exc:
+        raise AdmissionError(f"refusing server {server}: its TLS certificate does not parse ({exc})") from exc
+    try:
+        leaf.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
+        detail = str(exc) or "the signature does not verify with the CA's key"
+        raise AdmissionError(
+            f"refusing server {server}: its certificate does not chain to the CA it sent "
+            f"(certificate issuer {leaf.issuer.rfc4514_string()!r}, CA {ca.subject.rfc4514_string()!r}: "
+            f"{detail})"
+        ) from exc
+    if not _is_ca(ca):
+        raise AdmissionError(f"refusing server {server}: the certificate it sent as its CA is not a CA certificate")
+    if expected_fingerprint is not None:
+        want = normalise_fingerprint(expected_fingerprint)
+        if want != fingerprint:
+            raise AdmissionError(
+                f"refusing server {server}: CA fingerprint mismatch: expected {want}, got {fingerprint}"
+            )
+    return fingerprint
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _names_host(cert_der: bytes, host: str) -> bool:
+    """Whether the certificate's SANs name ``host`` (exact DNS name or IP address)."""
+    try:
+        sans = x509.load_der_x509_certificate(cert_der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host.lower().rstrip(".") in {n.lower().rstrip(".") for n in sans.get_values_for_type(x509.DNSName)}
+    return ip in sans.get_values_for_type(x509.IPAddress)
+
+
+def _anonymous_context() -> ssl.SSLContext:
+    """For ``join`` only: encrypted, not yet authenticated (checked after join_ok instead)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# --- one gateway connection --------------------------------------------------------------------
+
+
+class EnvoyClient:
+    """One connection to one gateway. Use ``open``/``connect``, then ``async with`` or ``close``."""
+
+    def __init__(self, conn: FrameConnection, server: str, peer_cert_der: bytes | None) -> None:
+        self.conn = conn
+        self.server = server
+        self.peer_cert_der = peer_cert_der
+
+    @classmethod
+    async def open(
+        cls,
+        server: str,
+        ssl_context: ssl.SSLContext,
+        *,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> EnvoyClient:
+        """Connect to ``server`` (HOST:PORT); the host part is the name its certificate must bear
+        when the context checks hostnames. UnavailableError for every connection failure."""
+        host, port = parse_server(server)
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=ssl_context, server_hostname=host,
+                    ssl_handshake_timeout=connect_timeout_s,
+                )
+        except TimeoutError:
+            raise UnavailableError("unavailable", f"{server}: no TLS connection within {connect_timeout_s:g} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise UnavailableError(
+                "unavailable", f"{server}: the gateway's certificate is not trusted ({exc.verify_message}); "
+                "is this a gateway of the fleet this envoy joined?") from exc
+        except ssl.SSLError as exc:
+            raise UnavailableError("unavailable", f"{server}: TLS handshake failed ({exc.reason or exc})") from exc
+        except OSError as exc:
+            raise UnavailableError("unavailable", f"{server}: {exc.strerror or exc}") from exc
+        ssl_object = writer.get_extra_info("ssl_object")
+        peer = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        conn = FrameConnection(reader, writer, request_timeout_s=request_timeout_s)
+        return cls(conn, server, peer)
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: list[str],
+        ssl_context: ssl.SSLContext,
+        *,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+    ) -> EnvoyClient:
+        """The first of ``servers`` that accepts a connection, tried in order."""
+        failures = []
+        for server in servers:
+            try:
+                return await cls.open(server, ssl_context, connect_timeout_s=connect_timeout_s,
+                                      request_timeout_s=request_timeout_s)
+            except UnavailableError as exc:
+                log.info("gateway %s unreachable: %s", server, exc.reason)
+                failures.append(exc.reason)
+        raise UnavailableError("unavailable", "no gateway reachable: " + ("; ".join(failures) or "no servers configured"))
+
+    async def close(self) -> None:
+        self.conn.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                await self.conn.wait_closed()
+
+    async def __aenter__(self) -> EnvoyClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- requests
+
+    async def request(self, type: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The reply body. ServerError (with the gateway's code) for an error answer,
+        UnavailableError when the connection fails, ProtocolError only for a body this side
+        cannot encode."""
+        encode(type, 0, body)  # a body the gateway would refuse fails here, as ours (ProtocolError)
+        try:
+            frame = await self.conn.request(type, body)
+        except UnavailableError as exc:
+            closing = await self._closing_error()
+            if closing is not None:
+                raise closing from exc
+            raise UnavailableError(exc.code, f"{self.server}: {exc.reason}",
+                                   retry_after_s=exc.retry_after_s) from exc
+        except ServerError:
+            raise
+        except ProtocolError as exc:  # the stream from the gateway broke
+            raise UnavailableError("unavailable", f"{self.server}: the gateway broke the protocol: {exc}") from exc
+        except OSError as exc:
+            closing = await self._closing_error()
+            if closing is not None:
+                raise closing from exc
+            raise UnavailableError("unavailable", f"{self.server}: connection lost ({exc})") from exc
+        return frame.body
+
+    async def _closing_error(self) -> ServerError | None:
+        """An error frame the gateway sent for the whole connection before closing it (a revoked
+        certificate is told so at once), if one arrived; our request may have raced with it."""
+        try:
+            async with asyncio.timeout(_CLOSING_ERROR_WAIT_S):
+                while True:
+                    frame = await self.conn.receive()
+                    if frame is None:
+                        return None
+                    if frame.type == "error":
+                        cls = UnavailableError if frame.body["code"] in ("overloaded", "unavailable") else ServerError
+                        return cls(frame.body["code"], frame.body["reason"],
+                                   retry_after_s=frame.body.get("retry_after_s"))
+        except Exception:  # timeout, or the stream broke: nothing more to learn
+            return None
+
+    async def join(self, token: str, csr_pem: bytes, hostname: str, host_traits: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("join", {"token": token, "csr_pem": csr_pem, "hostname": hostname,
+                                           "traits": host_traits})
+
+    async def checkin(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("checkin", body)
+
+    async def send_results(self, envoy_id: str, reports: list[dict[str, Any]]) -> list[str]:
+        """The run ids the gateway acknowledged (durably stored)."""
+        answer = await self.request("results", {"envoy_id": envoy_id, "reports": reports})
+        return [str(run_id) for run_id in answer["acked"]]
+
+
+# --- join ----------------------------------------------------------------------------------------
+
+
+async def join_fleet(
+    state_dir: Path,
+    servers: list[str],
+    token: str,
+    *,
+    ca_fingerprint: str | None = None,
+    traits_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Enrol this host with the first reachable gateway; store its identity on success only."""
+    for server in servers:
+        parse_server(server)  # a typo is a usage error, before any key is made
+    if ca_fingerprint is not None:
+        ca_fingerprint = normalise_fingerprint(ca_fingerprint)
+    host_traits = traits.collect(traits_dir)
+    hostname = str(host_traits.get("hostname") or socket.gethostname())
+    key_pem, csr_pem = make_envoy_key_and_csr(hostname)
+    with runner.run_lock(state_dir):
+        async with await EnvoyClient.connect(servers, _anonymous_context()) as client:
+            try:
+                answer = await client.join(token, csr_pem, hostname, host_traits)
+            except ServerError as exc:
+                if exc.code == "bad_token":
+                    raise AdmissionError(f"server {client.server} refused the join token: {exc.reason}") from exc
+                raise
+            server, peer = client.server, client.peer_cert_der
+        fingerprint = check_gateway_cert(peer, answer["ca_pem"], server=server, expected_fingerprint=ca_fingerprint)
+        host, _port = parse_server(server)
+        if peer and not _names_host(peer, host):
+            log.warning("the gateway certificate of %s does not name %r: later runs will not verify it; "
+                        "join with the name or address the certificate was issued for", server, host)
+        _store_identity(state_dir, key_pem, answer["certificate_pem"], answer["ca_pem"])
+        with runner.open_cache(state_dir) as cache:
+            old_id, old_key = cache.envoy_id, cache.meta("trusted_key")
+            new_key = bytes(answer["signing_key_pem"])
+            values: dict[str, Any] = {
+                "envoy_id": answer["envoy_id"],
+                "servers": list(servers),
+                "trusted_key": new_key,
+                "highest_term": max(int(cache.meta("highest_term", 0) or 0), int(answer["term"])),
+                "ca_fingerprint": fingerprint,
+                "joined_at": time.time(),
+                "revoked": None,
+            }
+            if old_key is not None and bytes(old_key) != new_key:
+                # Serials count per signing key: the fleet's bundles start again at 1.
+                log.warning("bundle signing key replaced by the fleet's; the highest accepted serial starts over")
+                values["highest_serial"] = 0
+            cache.update_meta(values)
+    if old_id and old_id != answer["envoy_id"]:
+        log.info("envoy id %s replaced by the fleet's id %s", old_id, answer["envoy_id"])
+    log.info("joined via %s as envoy %s (CA %s, term %d)", server, answer["envoy_id"], fingerprint[:16], answer["term"])
+    return {
+        "envoy_id": answer["envoy_id"],
+        "server": server,
+        "servers": list(servers),
+        "ca_fingerprint": fingerprint,
+        "term": answer["term"],
+        "state_dir": str(state_dir),
+    }
+
+
+def _store_identity(state_dir: Path, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_atomic(state_dir / KEY_FILE, key_pem, 0o600)
+    _write_atomic(state_dir / CERT_FILE, bytes(cert_pem), 0o644)
+    _write_atomic(state_dir / CA_FILE, bytes(ca_pem), 0o644)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Written to a temp file created with ``mode`` from its first byte, fsynced, renamed over."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Credentials:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+
+def _load_credentials(state_dir: Path) -> _Credentials:
+    paths = [state_dir / name for name in (CA_FILE, CERT_FILE, KEY_FILE)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise AdmissionError(
+            f"not joined: {state_dir} has no {', '.join(missing)}; run `vigo-envoy join --server HOST:PORT "
+            f"--token TOKEN --state-dir {state_dir}` first"
+        )
+    try:
+        return _Credentials(*(p.read_bytes() for p in paths))
+    except OSError as exc:
+        raise AdmissionError(f"cannot read this envoy's credentials in {state_dir}: {exc.strerror or exc}") from exc
+
+
+def _cert_expired(cert_pem: bytes) -> float | None:
+    """When the envoy certificate expired, if it has."""
+    try:
+        not_after = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
+    except ValueError:
+        return None  # the TLS layer will say what is wrong with it
+    return not_after if not_after < time.time() else None
+
+
+async def run_once(opts: runner.RunOptions) -> dict[str, Any]:
+    """One online run; returns ``{"report", "server", "flushed", "queued"}``.
+
+    Raises VigoError when no run can happen: not joined, revoked, no bundle at all.
+    """
+    state_dir = opts.state_dir
+    creds = _load_credentials(state_dir)
+    with runner.run_lock(state_dir), runner.open_cache(state_dir, queue_max_bytes=opts.queue_max_bytes) as cache:
+        servers = list(cache.meta("servers", []) or [])
+        if not servers:
+            raise AdmissionError(
+                f"not joined: the cache in {state_dir} names no server; run `vigo-envoy join --server "
+                f"HOST:PORT --token TOKEN --state-dir {state_dir}` first")
+        revoked = cache.meta("revoked")
+        if revoked:
+            raise RevokedError(_revoked_text(cache.envoy_id, revoked))
+        trusted = runner._trusted_key(cache, None)
+        host_traits = traits.collect(opts.traits_dir)
+
+        client = await _checkin(cache, servers, creds, host_traits, trusted)
+        try:
+            current = cache.bundle_in_force(trusted)
+            report = None
+            if current is not None:
+                report = runner.converge_and_queue(cache, current, opts, offline=client is None,
+                                                   host_traits=host_traits)
+            flushed = 0
+            if client is not None:
+                try:
+                    flushed = await flush(client, cache)
+                except UnavailableError as exc:
+                    log.warning("flush to %s stopped: %s; the rest stays queued", client.server, exc.reason)
+            queued = cache.queue_stats().runs
+        finally:
+            if client is not None:
+                await client.close()
+        if client is None:
+            log.warning("offline: no gateway answered; %s from the cached bundle, %d report(s) queued",
+                        "converged" if report is not None else "nothing to converge", queued)
+        if report is None:
+            raise BundleError(
+                "no bundle to enforce: " + ("the server has no stack pushed yet" if client is not None
+                                            else "no gateway reachable") + f" and the cache in {state_dir} holds none"
+            )
+        return {"report": report, "server": client.server if client else None, "flushed": flushed, "queued": queued}
+
+
+async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_traits: dict[str, Any],
+                   trusted: Any) -> EnvoyClient | None:
+    """Check in with the first gateway that gives a current answer; accept its bundle. Returns
+    the open client (for the flush), or None: this run is offline."""
+    expired = _cert_expired(creds.cert_pem)
+    if expired is not None:
+        log.error("this envoy's certificate expired at %s; run `vigo-envoy join` with a new token to "
+                  "rejoin the fleet (converging from the cache meanwhile)", _iso(expired))
+        return None
+    ctx = tls_client_context(creds.ca_pem, creds.cert_pem, creds.key_pem)
+    stats = cache.queue_stats()
+    info = cache.bundle_info("current")
+    high_term = int(cache.meta("highest_term", 0) or 0)
+    body = {
+        "envoy_id": cache.envoy_id,
+        "traits": host_traits,
+        "bundle_version": info["version"] if info else None,
+        "serial": int(cache.meta("highest_serial", 0) or 0),
+        "term": high_term,
+        "queue_depth": stats.runs,
+        "oldest_queued_at": stats.oldest_started_at,
+        "last_run": cache.meta("last_run"),
+        "offline_runs": stats.offline_runs,
+    }
+    for server in servers:
+        try:
+            client = await EnvoyClient.open(server, ctx)
+        except UnavailableError as exc:
+            log.info("gateway %s unreachable: %s", server, exc.reason)
+            continue
+        try:
+            answer = await client.checkin(body)
+        except ServerError as exc:
+            await client.close()
+            if exc.code == "revoked":
+                record = {"at": time.time(), "server": server, "reason": exc.reason}
+                cache.set_meta("revoked", record)
+                raise RevokedError(_revoked_text(cache.envoy_id, record)) from exc
+            level = logging.INFO if isinstance(exc, UnavailableError) else logging.ERROR
+            log.log(level, "gateway %s refused the checkin (%s): %s", server, exc.code, exc.reason)
+            continue
+        if answer["term"] < high_term:
+            log.warning("gateway %s answered with term %d but this envoy has seen term %d: a stale "
+                        "server; its answer is ignored", server, answer["term"], high_term)
+            await client.close()
+            continue
+        cache.update_meta({
+            "highest_term": max(high_term, answer["term"]),
+            "interval_s": answer["interval_s"],
+            "splay_s": answer["splay_s"],
+            "last_checkin_at": time.time(),
+            "last_server": server,
+        })
+        if answer.get("bundle") is not None:
+            _accept(cache, answer["bundle"], trusted, server)
+        return client
+    return None
+
+
+def _accept(cache: Cache, data: bytes, trusted: Any, server: str) -> None:
+    """Verify and cache a bundle from a gateway; a refusal keeps the last good one in force."""
+    try:
+        incoming = bundle_mod.decode(data, trusted, origin=f"bundle from {server}")
+        cache.accept_bundle(incoming)
+    except BundleRefusedError as exc:
+        log.error("%s; keeping the bundle in force", exc)
+    except BundleError as exc:
+        log.error("refusing the bundle from %s: %s; keeping the bundle in force", server, exc)
+
+
+async def flush(client: EnvoyClient, cache: Cache) -> int:
+    """Send queued reports oldest first in bounded batches; delete what was acknowledged.
+    Returns how many were acknowledged. Stops when the queue is empty or a batch acks nothing."""
+    envoy_id = cache.envoy_id
+    total = 0
+    while True:
+        batch = cache.pending(limit=FLUSH_MAX_REPORTS, max_bytes=FLUSH_MAX_BYTES)
+        if not batch:
+            return total
+        reports = [_as_sent(report, envoy_id) for report in batch]
+        try:
+            acked = await client.send_results(envoy_id, reports)
+        except (ServerError, ProtocolError) as exc:
+            if isinstance(exc, UnavailableError) or exc.code not in _REPORT_REFUSALS:
+                raise
+            acked = await _send_one_by_one(client, cache, envoy_id, reports)
+        removed = cache.ack(acked)
+        total += removed
+        log.info("flushed %d report(s) to %s (%d acknowledged)", len(reports), client.server, removed)
+        if removed == 0:
+            return total
+
+
+async def _send_one_by_one(client: EnvoyClient, cache: Cache, envoy_id: str,
+                           reports: list[dict[str, Any]]) -> list[str]:
+    """A batch was refused for its content: send each report alone, and move aside the ones
+    refused alone (kept in the quarantine, never sent again) so they cannot block the queue."""
+    acked: list[str] = []
+    for report in reports:
+        run_id = str(report["run_id"])
+        try:
+            acked += await client.send_results(envoy_id, [report])
+        except (ServerError, ProtocolError) as exc:
+            if isinstance(exc, UnavailableError) or exc.code not in _REPORT_REFUSALS:
+                raise
+            reason = f"refused by {client.server}: {exc.code}: {exc.reason}"
+            log.error("report %s %s; moved to the quarantine", run_id, reason)
+            cache.quarantine_run(run_id, reason)
+    return acked
+
+
+def _as_sent(report: dict[str, Any], envoy_id: str) -> dict[str, Any]:
+    queued_as = report.get("envoy_id")
+    if queued_as in (None, "", envoy_id):
+        return report
+    return {**report, "envoy_id": envoy_id, "queued_as": queued_as}
+
+
+def _revoked_text(envoy_id: str, record: dict[str, Any]) -> str:
+    return (
+        f"this envoy ({envoy_id}) was revoked by the fleet (server {record.get('server')} at "
+        f"{_iso(record.get('at'))}: {record.get('reason')}); nothing was converged and the cached bundle "
+        "is no longer enforced. Run `vigo-envoy join` with a new token to be managed again"
+    )
+
+
+def _iso(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
