@@ -85,7 +85,7 @@ def test_half_frame_times_out_with_what_arrived(gw):
 
 def test_client_that_leaves_mid_frame_is_counted_and_forgotten(gw):
     async def scenario():
-        reader, writer = await _open(gw)
+        _reader, writer = await _open(gw)
         writer.write(struct.pack(">I", 1000) + b"\x80" * 10)
         await writer.drain()
         writer.close()  # EOF in the middle of a frame
