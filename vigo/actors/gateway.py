@@ -10,6 +10,7 @@ API without importing Ray.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -21,6 +22,9 @@ from vigo.raytoken import load_token
 from vigo.server.gateway import GatewayServer
 
 log = logging.getLogger("vigo.actors.gateway")
+
+#: How often the gateway's counters are copied into Ray's metrics, seconds.
+METRICS_INTERVAL_S = 5.0
 
 
 class RayBackend:
@@ -77,6 +81,28 @@ class Gateway:
         await self.server.start()
         await self.backend.control.register_gateway.remote(
             name, f"{self.advertise}:{self.server.port}", ray.get_runtime_context().get_node_id())
+        self._metrics_task = asyncio.create_task(self._export_metrics())
+
+    async def _export_metrics(self) -> None:
+        """Publish the server's counters where Ray users look (Prometheus endpoint, dashboard)."""
+        from ray.util.metrics import Counter, Gauge
+
+        tags = {"gateway": self.name}
+        gauges = {key: Gauge(f"vigo_gateway_{key}", f"gateway {key.replace('_', ' ')}", tag_keys=("gateway",))
+                  for key in ("connections", "queue", "mean_batch", "revoked")}
+        counters = {key: Counter(f"vigo_gateway_{key}_total", f"gateway {key.replace('_', ' ')}", tag_keys=("gateway",))
+                    for key in ("requests", "batches", "overloaded", "protocol_errors")}
+        last = dict.fromkeys(counters, 0)
+        while True:
+            status = self.server.status()
+            for key, gauge in gauges.items():
+                gauge.set(float(status[key]), tags=tags)
+            for key, counter in counters.items():
+                delta = status[key] - last[key]
+                if delta > 0:
+                    counter.inc(delta, tags=tags)
+                last[key] = status[key]
+            await asyncio.sleep(METRICS_INTERVAL_S)
 
     async def status(self) -> dict[str, Any]:
         return {"name": self.name, "advertise": f"{self.advertise}:{self.server.port}", **self.server.status()}

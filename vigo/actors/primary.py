@@ -22,9 +22,24 @@ class Primary:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         parsed = config_mod.from_dict(cfg) if cfg is not None else None
         self.partition = Partition(data_dir, parsed)
+        from ray.util.metrics import Counter, Histogram
+
+        tag = {"partition": self.partition.cfg.partition}
+        self._tags = tag
+        self._requests = Counter("vigo_primary_requests_total", "envoy requests answered, by type",
+                                 tag_keys=("partition", "type"))
+        self._batch = Histogram("vigo_primary_batch_size", "envoy requests per batch call",
+                                boundaries=[1, 4, 16, 64, 256, 1024], tag_keys=("partition",))
 
     def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self.partition.handle_batch(items)
+        answers = self.partition.handle_batch(items)
+        self._batch.observe(len(items), tags=self._tags)
+        counts: dict[str, int] = {}
+        for item in items:
+            counts[item["type"]] = counts.get(item["type"], 0) + 1
+        for kind, n in counts.items():
+            self._requests.inc(n, tags={**self._tags, "type": kind})
+        return answers
 
     def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Admin answers travel as {"ok": result} or {"error": {...}}: a user mistake is data,
