@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import EXAMPLE_STACK, SECRET, run_cli, write_traits_dir
+from tests.helpers import EXAMPLE_STACK, SECRET, build_bundle, run_cli, write_traits_dir
 from vigo.agent.cache import Cache
 from vigo.agent.client import (
     CA_FILE,
@@ -29,9 +31,10 @@ from vigo.agent.client import (
     KEY_FILE,
     EnvoyClient,
     check_gateway_cert,
+    parse_server,
 )
 from vigo.agent.enrolment import tls_client_context
-from vigo.errors import AdmissionError
+from vigo.errors import AdmissionError, ConfigError
 from vigo.server.admissions import FleetCA
 from vigo.server.gateway import GatewayServer
 from vigo.server.partition import Partition, error_of
@@ -225,6 +228,39 @@ def test_join_then_run_once_converges_reports_and_follows_a_new_push(server: Ser
     # The status command shows the link to the server.
     status = json.loads(run_cli("vigo-envoy", "status", "--json", "--state-dir", state, check=True).stdout)
     assert status["servers"] == [server.address] and status["last_checkin_at"] and status["revoked"] is None
+
+
+def test_reports_from_before_joining_are_delivered_under_the_fleet_id(server: Server, envoy_dirs, keypair):
+    """An envoy used offline first (its own signing key, serial 4, a local envoy id) joins: the
+    fleet's key and id replace the local ones, the fleet's serial-1 bundle is still accepted
+    (serials count per signing key), and the queued local report reaches the server."""
+    private, _public, _private_path, public_path = keypair
+    bundle_file = envoy_dirs["state"].parent / "local.bundle"
+    bundle_file.write_bytes(build_bundle(EXAMPLE_STACK, private, serial=4).encode())
+    local = run_cli("vigo-envoy", "apply", "--json", "--bundle", bundle_file, "--trust", public_path,
+                    "--state-dir", envoy_dirs["state"], "--root", envoy_dirs["root"], "--traits-dir", envoy_dirs["traits"])
+    local_report = report_of(local)
+    assert local_report["serial"] == 4
+
+    envoy_id = joined(server, envoy_dirs)
+    assert envoy_id != local_report["envoy_id"]
+    report = report_of(run_once(envoy_dirs))
+    assert report["serial"] == 1 and report["offline"] is False and report["flushed"] == 2
+    shown = server.show(envoy_id)
+    assert {r["run_id"] for r in shown["runs"]} == {local_report["run_id"], report["run_id"]}
+
+
+def test_parse_server_and_light_imports():
+    assert parse_server("127.0.0.1:7700") == ("127.0.0.1", 7700)
+    assert parse_server("[::1]:7700") == ("::1", 7700)
+    assert parse_server("gw.example.com:1") == ("gw.example.com", 1)
+    for bad in ("gw", "gw:0", "gw:70000", ":7700", "::1:7700"):
+        with pytest.raises(ConfigError):
+            parse_server(bad)
+    probe = ("import sys, vigo.agent.client, vigo.agent.cli\n"
+             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'vigo.server'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_run_before_join_says_so(tmp_path: Path):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import vigo
-from vigo.errors import VigoError
+from vigo.errors import UnavailableError, VigoError
 
 EXIT_OK = 0
 EXIT_NO_RUN = 1
@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     except VigoError as exc:
         if args.verbose:
             logging.getLogger("vigo").exception("command failed")
-        print(f"vigo-envoy {args.command}: {exc}", file=sys.stderr)
+        if isinstance(exc, UnavailableError):  # not a refusal: nobody answered
+            print(f"vigo-envoy {args.command}: cannot reach a server: {exc.reason}", file=sys.stderr)
+        else:
+            print(f"vigo-envoy {args.command}: {exc}", file=sys.stderr)
         return EXIT_NO_RUN  # every VigoError here means no run happened
     except KeyboardInterrupt:
         return 130

@@ -455,7 +455,7 @@ async def run_once(opts: runner.RunOptions) -> dict[str, Any]:
         trusted = runner._trusted_key(cache, None)
         host_traits = traits.collect(opts.traits_dir)
 
-        client = await _checkin(cache, servers, creds, host_traits, trusted)
+        client, failures = await _checkin(cache, servers, creds, host_traits, trusted)
         try:
             current = cache.bundle_in_force(trusted)
             report = None
@@ -466,15 +466,17 @@ async def run_once(opts: runner.RunOptions) -> dict[str, Any]:
             if client is not None:
                 try:
                     flushed = await flush(client, cache)
-                except UnavailableError as exc:
-                    log.warning("flush to %s stopped: %s; the rest stays queued", client.server, exc.reason)
+                except ServerError as exc:  # the run happened; what was not acknowledged stays queued
+                    log.warning("flush to %s stopped (%s): %s; the rest stays queued", client.server, exc.code,
+                                exc.reason)
             queued = cache.queue_stats().runs
         finally:
             if client is not None:
                 await client.close()
         if client is None:
-            log.warning("offline: no gateway answered; %s from the cached bundle, %d report(s) queued",
-                        "converged" if report is not None else "nothing to converge", queued)
+            log.warning("offline: no gateway answered (%s); %s, %d report(s) queued", "; ".join(failures),
+                        "converged from the cached bundle" if report is not None else "no cached bundle either",
+                        queued)
         if report is None:
             raise BundleError(
                 "no bundle to enforce: " + ("the server has no stack pushed yet" if client is not None
@@ -484,14 +486,15 @@ async def run_once(opts: runner.RunOptions) -> dict[str, Any]:
 
 
 async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_traits: dict[str, Any],
-                   trusted: Any) -> EnvoyClient | None:
+                   trusted: Any) -> tuple[EnvoyClient | None, list[str]]:
     """Check in with the first gateway that gives a current answer; accept its bundle. Returns
-    the open client (for the flush), or None: this run is offline."""
+    the open client (for the flush), or None (this run is offline) and why each gateway failed."""
     expired = _cert_expired(creds.cert_pem)
     if expired is not None:
         log.error("this envoy's certificate expired at %s; run `vigo-envoy join` with a new token to "
                   "rejoin the fleet (converging from the cache meanwhile)", _iso(expired))
-        return None
+        return None, [f"certificate expired at {_iso(expired)}"]
+    failures: list[str] = []
     ctx = tls_client_context(creds.ca_pem, creds.cert_pem, creds.key_pem)
     stats = cache.queue_stats()
     info = cache.bundle_info("current")
@@ -512,9 +515,14 @@ async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_t
             client = await EnvoyClient.open(server, ctx)
         except UnavailableError as exc:
             log.info("gateway %s unreachable: %s", server, exc.reason)
+            failures.append(exc.reason)
             continue
         try:
             answer = await client.checkin(body)
+        except ProtocolError as exc:  # our own body does not encode: no gateway will take it
+            await client.close()
+            log.error("cannot send the checkin: %s", exc)
+            return None, [f"checkin not sendable: {exc}"]
         except ServerError as exc:
             await client.close()
             if exc.code == "revoked":
@@ -523,10 +531,12 @@ async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_t
                 raise RevokedError(_revoked_text(cache.envoy_id, record)) from exc
             level = logging.INFO if isinstance(exc, UnavailableError) else logging.ERROR
             log.log(level, "gateway %s refused the checkin (%s): %s", server, exc.code, exc.reason)
+            failures.append(f"{server} refused the checkin ({exc.code}): {exc.reason}")
             continue
         if answer["term"] < high_term:
             log.warning("gateway %s answered with term %d but this envoy has seen term %d: a stale "
                         "server; its answer is ignored", server, answer["term"], high_term)
+            failures.append(f"{server} is stale (term {answer['term']} < {high_term})")
             await client.close()
             continue
         cache.update_meta({
@@ -538,8 +548,8 @@ async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_t
         })
         if answer.get("bundle") is not None:
             _accept(cache, answer["bundle"], trusted, server)
-        return client
-    return None
+        return client, failures
+    return None, failures
 
 
 def _accept(cache: Cache, data: bytes, trusted: Any, server: str) -> None:

@@ -89,8 +89,10 @@ class Partition:
     def _bootstrap(self) -> None:
         store = self.store
         with store.write() as db:
-            if store.get_file("server.yaml", "server.yaml") is None:
-                store.put_file(db, "server.yaml", "server.yaml", config_mod.dump(self.cfg).encode())
+            wanted = config_mod.dump(self.cfg).encode()
+            if store.get_file("server.yaml", "server.yaml") != wanted:
+                # The settings this partition runs with are part of its state (and its stream).
+                store.put_file(db, "server.yaml", "server.yaml", wanted)
             if store.get_file("tls", "ca.pem") is None:
                 ca = FleetCA.generate()
                 store.put_file(db, "tls", "ca.key", ca.key_pem)
