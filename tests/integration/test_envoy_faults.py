@@ -456,6 +456,11 @@ def test_garbage_in_the_queue_does_not_break_status_or_apply(envoy: Envoy) -> No
         assert len(cache.quarantined()) == 2
         assert cache.check() == []
     assert good["run_id"] != newer["run_id"]
+    info = envoy.status()
+    assert info["queue"]["runs"] == info["queue"]["entries"] == 1
+    human = run_cli("vigo-envoy", "status", "--state-dir", envoy.state).stdout
+    assert "quarantined queue/#1: does not decode" in human
+    assert "quarantined queue/#2: queue entry is not a map" in human
 
 
 def _raw_current(state: Path) -> bytes:

@@ -343,7 +343,7 @@ def test_undecodable_queue_entries_are_quarantined_and_the_rest_returned(state: 
         assert cache.queue_stats().entries == 4  # counted, not decoded, no crash
         assert [r["run_id"] for r in cache.pending()] == ["run-00000", "run-00003"]
         quarantined = cache.quarantined()
-        assert sorted(q["db"] for q in quarantined) == ["queue", "queue"]
+        assert sorted((q["db"], q["key"]) for q in quarantined) == [("queue", "#2"), ("queue", "#3")]
         assert any("does not decode" in q["reason"] for q in quarantined)
         assert any("not a map" in q["reason"] for q in quarantined)
         # the queue's index and byte count follow the entries that were moved aside

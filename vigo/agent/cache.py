@@ -144,7 +144,7 @@ class Cache:
         pending, self._quarantine_later = self._quarantine_later, []
         for db, key, raw, reason in pending:
             if self.readonly:
-                log.warning("cache entry %s/%s is unreadable: %s", db, key.decode(errors="replace"), reason)
+                log.warning("cache entry %s/%s is unreadable: %s", db, _key_text(db, key), reason)
             else:
                 self.quarantine(db, key, raw, reason)
 
@@ -156,7 +156,7 @@ class Cache:
         (a newly accepted bundle over a corrupt "current", a fresh envoy id, a queue summary).
         A queue entry takes its run-index entries and its share of meta/queue_bytes with it.
         """
-        log.warning("cache entry %s/%s quarantined: %s", db, key.decode(errors="replace"), reason)
+        log.warning("cache entry %s/%s quarantined: %s", db, _key_text(db, key), reason)
         record = {"db": db, "key": key, "raw": raw, "reason": reason, "at": time.time()}
         qkey = f"{time.time():.6f}:{db}:{key.hex()}".encode()
         try:
@@ -520,7 +520,9 @@ class Cache:
             for _key, raw in txn.cursor(db=self._db["quarantine"]):
                 try:
                     record = _unpack(raw)
-                    out.append({"db": record["db"], "key": record["key"].decode(errors="replace") if isinstance(record["key"], bytes) else str(record["key"]), "reason": record["reason"], "at": record["at"]})
+                    key = record["key"]
+                    key = _key_text(record["db"], key) if isinstance(key, bytes) else str(key)
+                    out.append({"db": record["db"], "key": key, "reason": record["reason"], "at": record["at"]})
                 except Exception as exc:
                     out.append({"db": "?", "key": "?", "reason": f"undecodable quarantine record: {exc}", "at": None})
         return out
@@ -551,6 +553,13 @@ class Cache:
             if recorded_bytes is not None and recorded_bytes != used:
                 problems.append(f"meta/queue_bytes says {recorded_bytes} but the queue holds {used}")
         return problems
+
+
+def _key_text(db: str, key: bytes) -> str:
+    """A key as people read it: queue keys are 8-byte sequence numbers, shown as ``#N``."""
+    if db == "queue" and len(key) == _SEQ.size:
+        return f"#{_SEQ.unpack(key)[0]}"
+    return key.decode(errors="replace")
 
 
 def _packed_size(obj: Any) -> int:

@@ -84,14 +84,16 @@ def record_checkin(db: apsw.Connection, envoy_id: str, body: dict[str, Any], *, 
     )
 
 
-def store_reports(db: apsw.Connection, envoy_id: str, reports: list[Any], *, now: float) -> list[str]:
-    """Insert reports idempotently by run id; return the ids now stored (new or already there).
+def store_reports(db: apsw.Connection, envoy_id: str, reports: list[Any], *, now: float) -> tuple[list[str], int]:
+    """Insert reports idempotently by run id; return the ids now stored (new or already there)
+    and how many offline runs were newly stored.
 
     A report whose envoy_id names another envoy is refused: an envoy speaks only for itself.
     """
     if len(reports) > MAX_REPORTS_PER_MESSAGE:
         raise ProtocolError("bad_body", f"results carries {len(reports)} reports; at most {MAX_REPORTS_PER_MESSAGE} per message")
     acked: list[str] = []
+    offline_new = 0
     for report in reports:
         run_id = _check_report(report, envoy_id)
         counts = report.get("counts") or {}
@@ -111,8 +113,10 @@ def store_reports(db: apsw.Connection, envoy_id: str, reports: list[Any], *, now
                 msgpack.packb(report, use_bin_type=True),
             ),
         )
+        if db.changes() and report.get("offline"):
+            offline_new += int(report.get("offline")) if report.get("kind") == "summary" else 1
         acked.append(run_id)
-    return acked
+    return acked, offline_new
 
 
 def _check_report(report: Any, envoy_id: str) -> str:
@@ -130,15 +134,32 @@ def _check_report(report: Any, envoy_id: str) -> str:
     return run_id
 
 
+def note_latest_run(db: apsw.Connection, envoy_id: str, reports: list[Any]) -> None:
+    """Make the newest real (not noop, not summary) run in this batch the envoy's last run, if it
+    is newer than the one on record: its status then reflects what it actually applied."""
+    runs = [r for r in reports if isinstance(r, dict) and r.get("kind", "run") == "run" and not r.get("noop")]
+    if not runs:
+        return
+    newest = max(runs, key=lambda r: r.get("started_at") or 0)
+    summary = {k: newest.get(k) for k in ("run_id", "started_at", "duration_s", "bundle_version", "serial",
+                                          "term", "offline", "counts")}
+    db.execute(
+        "UPDATE envoys SET last_run = ?, bundle_version = COALESCE(?, bundle_version), "
+        "serial = MAX(COALESCE(serial, 0), COALESCE(?, 0)) "
+        "WHERE id = ? AND COALESCE(json_extract(last_run, '$.started_at'), 0) <= ?",
+        (json.dumps(summary), newest.get("bundle_version"), newest.get("serial"), envoy_id,
+         newest.get("started_at") or 0),
+    )
+
+
 def apply_retention(db: apsw.Connection, envoy_id: str, *, keep: int, max_age_s: float, now: float) -> int:
     """Delete this envoy's runs beyond the newest ``keep`` and older than ``max_age_s``."""
-    before = db.changes()
     db.execute(
         "DELETE FROM runs WHERE envoy_id = ? AND (received_at < ? OR run_id IN ("
         " SELECT run_id FROM runs WHERE envoy_id = ? ORDER BY started_at DESC LIMIT -1 OFFSET ?))",
         (envoy_id, now - max_age_s, envoy_id, keep),
     )
-    return db.changes() if db.changes() != before else 0
+    return db.changes()
 
 
 def envoy_rows(store: Store, envoy_id: str | None = None) -> list[dict[str, Any]]:

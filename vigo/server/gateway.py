@@ -122,9 +122,13 @@ class GatewayServer:
             self._server.close()
         for conn in list(self._conns):
             conn.writer.close()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        while not self._queue.empty():  # requests that never reached the primary get an answer
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_result({"error": {"code": "unavailable", "reason": "the gateway is stopping"}})
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)

@@ -191,7 +191,9 @@ class Partition:
         if kind == "checkin":
             interval = self.cfg.checkin.interval_s
             fleet.record_checkin(db, envoy_id, body, interval_s=interval, now=now)
-            stale = current is not None and (body.get("serial") != current or body.get("term", 0) < self.term)
+            # Only an envoy behind gets the bundle: one ahead (say, after a restore) would refuse
+            # an older serial every time, so sending it would only waste the link.
+            stale = current is not None and int(body.get("serial") or 0) < current
             return {
                 "term": self.term,
                 "interval_s": interval,
@@ -200,9 +202,14 @@ class Partition:
                 "serial": current or 0,
             }
         if kind == "results":
-            acked = fleet.store_reports(db, envoy_id, body.get("reports") or [], now=now)
+            acked, offline_stored = fleet.store_reports(db, envoy_id, body.get("reports") or [], now=now)
+            if offline_stored:
+                # The check-in counted them as queued offline runs; now they have arrived.
+                db.execute("UPDATE envoys SET offline_runs = MAX(0, offline_runs - ?) WHERE id = ?",
+                           (offline_stored, envoy_id))
+            fleet.note_latest_run(db, envoy_id, body.get("reports") or [])
             touched.add(envoy_id)
-            return {"acked": acked, "term": self.term}
+            return {"acked": list(dict.fromkeys(acked)), "term": self.term}
         raise ProtocolError("unknown_type", f"the primary does not handle {kind!r}")
 
     def _check_envoy(self, envoy_id: str, body: dict[str, Any]) -> None:
@@ -259,7 +266,7 @@ class Partition:
     def _admin_status(self) -> dict[str, Any]:
         now = time.time()
         envoys = fleet.envoy_rows(self.store)
-        counts = dict.fromkeys(fleet.STATUSES, 0)
+        counts = dict.fromkeys((*fleet.STATUSES, "revoked"), 0)
         for e in envoys:
             counts[self._status(e, now)] += 1
         current = self.current_serial()
