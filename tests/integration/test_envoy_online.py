@@ -211,7 +211,7 @@ def test_join_then_run_once_converges_reports_and_follows_a_new_push(server: Ser
     assert motd.is_file() and (envoy_dirs["root"] / "etc/vigo-demo/README").is_file()
     shown = server.show(envoy_id)
     assert shown["run_count"] == 1 and shown["runs"][0]["run_id"] == report["run_id"]
-    assert shown["serial"] == 0 and shown["last_seen"] is not None  # the checkin came before the run
+    assert shown["serial"] == 1 and shown["last_seen"] is not None  # the flushed run updated the record
     assert queued(envoy_dirs) == []
     assert cache_meta(envoy_dirs, "interval_s") == server.partition.cfg.checkin.interval_s
 
@@ -223,7 +223,7 @@ def test_join_then_run_once_converges_reports_and_follows_a_new_push(server: Ser
     changed = {r["id"] for r in second["resources"] if r["status"] == "changed"}
     assert "file:/etc/vigo-demo/motd" in changed
     shown = server.show(envoy_id)
-    assert shown["run_count"] == 2 and shown["serial"] == 1  # checked in with serial 1, got 2
+    assert shown["run_count"] == 2 and shown["serial"] == 2  # checked in with serial 1, ran 2
 
     # The status command shows the link to the server.
     status = json.loads(run_cli("vigo-envoy", "status", "--json", "--state-dir", state, check=True).stdout)
