@@ -152,6 +152,7 @@ class CpuWindow:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no conflict
         try:
             s.bind((HOST, port))
         except OSError:
@@ -202,6 +203,11 @@ class DevServer:
         return json.loads(proc.stdout)["token"]
 
     def stop(self) -> None:
+        if not (self.data_dir / "dev-head.json").exists():
+            # No head of ours: `server stop` without its marker would fall back to
+            # ray.init("auto") and could reach another engineer's cluster. Nothing to stop.
+            log("no dev head was started: nothing to stop")
+            return
         log(f"stopping the dev server (vigocli server stop --data-dir {self.data_dir})")
         try:
             proc = vigocli(["server", "stop", "--data-dir", str(self.data_dir)], timeout_s=120)

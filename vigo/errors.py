@@ -202,6 +202,14 @@ class UnavailableError(ServerError, ConnectionError):
 
     exit_code = 3
 
+    def __init__(self, code: str, reason: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(code, reason, retry_after_s=retry_after_s)
+        wait = f" (retry after {retry_after_s:g} s)" if retry_after_s else ""
+        self.args = (f"server unavailable ({code}): {reason}{wait}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
 
 class AdminAuthError(VigoError):
     """An admin request without a valid Ray cluster token."""

@@ -143,6 +143,21 @@ def test_lower_serial_is_refused_even_after_reopen(state: Path, key, stacks) -> 
         cache.accept_bundle(build_bundle(stacks["two"], key, serial=6))
 
 
+@pytest.mark.parametrize("garbage", [b"\xc1", pack("seven"), pack(None)], ids=["undecodable", "text", "nil"])
+def test_rollback_floor_survives_a_corrupt_highest_serial(state: Path, key, stacks, garbage: bytes) -> None:
+    with open_cache(state) as cache:
+        cache.accept_bundle(build_bundle(stacks["one"], key, serial=7, term=2))
+    raw_put(state, "meta", b"highest_serial", garbage)
+    raw_put(state, "meta", b"highest_term", garbage)
+    with open_cache(state) as cache:
+        with pytest.raises(BundleRefusedError, match="serial 7"):
+            cache.accept_bundle(build_bundle(stacks["two"], key, serial=6, term=2))
+        with pytest.raises(BundleRefusedError, match="term 2"):
+            cache.accept_bundle(build_bundle(stacks["two"], key, serial=9, term=1))
+        assert cache.accept_bundle(build_bundle(stacks["two"], key, serial=8, term=2))
+        assert (cache.meta("highest_serial"), cache.meta("highest_term")) == (8, 2)
+
+
 def test_lower_term_is_refused_even_with_higher_serial(state: Path, key, stacks) -> None:
     with open_cache(state) as cache:
         cache.accept_bundle(build_bundle(stacks["one"], key, serial=10, term=3))

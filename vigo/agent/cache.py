@@ -250,6 +250,13 @@ class Cache:
                     raw = bytes(txn.get(b"current", db=self._db["bundles"]))
                     self._quarantine_later.append(("bundles", b"current", raw, "cached bundle is not a map"))
                     current = None
+                # the rollback floor survives an unreadable meta entry: cached bundles carry it too
+                previous = self._get(txn, "bundles", b"previous")
+                for seen in (current, previous):
+                    if isinstance(seen, dict):
+                        high_serial = max(_as_int(high_serial), _as_int(seen.get("serial")))
+                        high_term = max(_as_int(high_term), _as_int(seen.get("term")))
+                high_serial, high_term = _as_int(high_serial), _as_int(high_term)
                 _check_not_older(bundle, high_serial, high_term, current)
                 if current is not None and current.get("version") == bundle.version and current.get("serial") == bundle.serial:
                     return False
@@ -320,6 +327,17 @@ class Cache:
             if bundle is not None:
                 log.warning("current cached bundle unusable; enforcing previous %s serial %d", bundle.version, bundle.serial)
         return bundle
+
+    def drop_bundles(self) -> None:
+        """Forget the cached bundles (after a join replaced the signing key: they can no longer
+        be verified, and their serials belong to the old key's numbering)."""
+        try:
+            with self._write() as txn:
+                for slot in (b"current", b"previous"):
+                    txn.delete(slot, db=self._db["bundles"])
+                txn.put(b"highest_serial", _pack(0), db=self._db["meta"])
+        except lmdb.Error as exc:
+            raise CacheError(f"cannot drop cached bundles: {exc}") from exc
 
     def bundle_info(self, slot: str = "current") -> dict[str, Any] | None:
         """Version, serial, term and acceptance time of a cached bundle, without verifying it."""
@@ -553,6 +571,10 @@ class Cache:
             if recorded_bytes is not None and recorded_bytes != used:
                 problems.append(f"meta/queue_bytes says {recorded_bytes} but the queue holds {used}")
         return problems
+
+
+def _as_int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _key_text(db: str, key: bytes) -> str:

@@ -368,6 +368,8 @@ async def join_fleet(
                 log.warning("bundle signing key replaced by the fleet's; the highest accepted serial starts over")
                 values["highest_serial"] = 0
             cache.update_meta(values)
+            if "highest_serial" in values:
+                cache.drop_bundles()
     if old_id and old_id != answer["envoy_id"]:
         log.info("envoy id %s replaced by the fleet's id %s", old_id, answer["envoy_id"])
     log.info("joined via %s as envoy %s (CA %s, term %d)", server, answer["envoy_id"], fingerprint[:16], answer["term"])

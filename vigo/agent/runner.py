@@ -27,6 +27,8 @@ from vigo.policy.keys import load_public_key, parse_public_key, public_pem
 log = logging.getLogger("vigo.agent.runner")
 
 LOCK_FILE = "run.lock"
+#: Held by a running daemon for its whole life (one daemon per state directory).
+DAEMON_LOCK_FILE = "daemon.lock"
 
 
 @dataclass
@@ -106,22 +108,50 @@ def converge_and_queue(
     if host_traits is None:
         host_traits = traits.collect(opts.traits_dir)
     cache.store_traits(host_traits)
-    report = engine.converge(
+    report = converge_report(bundle, host_traits, opts, envoy_id=cache.envoy_id, offline=offline)
+    return queue_report(cache, report)
+
+
+def converge_report(
+    bundle: bundle_mod.Bundle,
+    host_traits: dict[str, Any],
+    opts: RunOptions,
+    *,
+    envoy_id: str,
+    offline: bool,
+) -> dict[str, Any]:
+    """Converge and return the report, touching no cache (the daemon converges in a worker
+    thread while its event loop keeps the cache; it queues with ``queue_report``)."""
+    return engine.converge(
         bundle,
         host_traits,
         root=opts.root,
         noop=opts.noop,
-        envoy_id=cache.envoy_id,
+        envoy_id=envoy_id,
         offline=offline,
         env=opts.env,
         digest=traits.traits_digest(host_traits),
     )
+
+
+def queue_report(cache: Cache, report: dict[str, Any]) -> dict[str, Any]:
+    """Commit a run's report to the queue (durably, before anything else sees it); log it."""
     cache.enqueue(report, last_run=last_run_summary(report))
     log.info(
         "run %s bundle %s serial %d%s: %s", report["run_id"], report["bundle_version"],
-        report["serial"], " (offline)" if offline else "", _counts_text(report["counts"]),
+        report["serial"], " (offline)" if report["offline"] else "", _counts_text(report["counts"]),
     )
     return report
+
+
+def note_enforcement(cache: Cache, *, offline: bool, at: float) -> None:
+    """Remember since when this envoy enforces from its cache: set by the first offline run
+    after an online one, cleared by the next online run (meta ``offline_since``)."""
+    since = cache.meta("offline_since")
+    if offline and since is None:
+        cache.set_meta("offline_since", at)
+    elif not offline and since is not None:
+        cache.set_meta("offline_since", None)
 
 
 def _trusted_key(cache: Cache, trust_path: Path | None):
@@ -186,7 +216,37 @@ def status(state_dir: Path) -> dict[str, Any]:
             "revoked": cache.meta("revoked"),
             "quarantined": cache.quarantined(),
             "checked_at": time.time(),
+            # Written by the daemon (`vigo-envoy run`); `link` is only believed while it runs.
+            "daemon": _daemon_status(state_dir, cache.meta("daemon")),
+            "link": cache.meta("link"),
+            "offline_since": cache.meta("offline_since"),
+            "last_flush": cache.meta("last_flush"),
         }
+
+
+def daemon_pid(state_dir: Path) -> int | None:
+    """The pid of the daemon holding ``STATE_DIR/daemon.lock``, or None if no daemon runs."""
+    path = state_dir / DAEMON_LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _daemon_status(state_dir: Path, recorded: dict[str, Any] | None) -> dict[str, Any]:
+    pid = daemon_pid(state_dir)
+    return {"running": pid is not None, "pid": pid if pid and pid > 0 else None,
+            "started_at": (recorded or {}).get("started_at") if pid is not None else None}
 
 
 def _counts_text(counts: dict[str, int]) -> str:
@@ -194,5 +254,6 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 
 __all__ = [
-    "RunOptions", "VigoError", "apply_once", "converge_and_queue", "open_cache", "run_lock", "status",
+    "RunOptions", "VigoError", "apply_once", "converge_and_queue", "converge_report", "daemon_pid",
+    "note_enforcement", "open_cache", "queue_report", "run_lock", "status",
 ]

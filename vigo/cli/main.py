@@ -48,22 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     from vigo.errors import VigoError
 
     try:
-        _app()(args=argv, prog_name="vigocli", standalone_mode=False)
+        # Standalone mode lets Typer print usage errors itself (with the usage line); vigo's own
+        # errors still arrive here as exceptions because pretty tracebacks are off.
+        _app()(args=argv, prog_name="vigocli", standalone_mode=True)
     except VigoError as exc:
         print(f"vigocli: {exc}", file=sys.stderr)
         return exc.exit_code
-    except typer.Exit as exc:
-        return exc.exit_code
-    except typer.Abort:
-        print("vigocli: aborted", file=sys.stderr)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return 64 if code == 2 else code  # click's usage error (2) is our 64, as in vigo-envoy
+    except KeyboardInterrupt:
+        print("vigocli: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return 64 if isinstance(exc, click.UsageError) else exc.exit_code
-        raise
     return 0
 
 

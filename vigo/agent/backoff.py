@@ -1,0 +1,146 @@
+"""When the envoy tries the network again: reconnect backoff, flush pacing, per-host splay.
+
+Everything here is arithmetic on numbers given to it: the random source and the clock are
+parameters (``random.Random`` and a ``() -> float`` monotonic clock), so tests drive it with a
+seeded RNG and a fake clock, and nothing here sleeps.
+
+Reconnect: exponential backoff with *full jitter*. Attempt ``n`` (0 for the first failure)
+waits ``uniform(0, min(cap, base * 2**n))`` seconds. Full jitter (rather than "exponential plus
+a little noise") is what spreads a fleet that lost its server at the same instant: after a few
+attempts the envoys' retries are uniformly spread over the whole window instead of arriving in
+synchronised waves. A server's ``retry_after_s`` is a floor: an envoy never retries sooner than
+the server asked, whatever the dice said.
+
+Flush pacing (the rule, also in docs/envoy.md):
+
+1. at most one ``results`` batch in flight per envoy, batches bounded (50 reports / 1 MiB),
+   oldest first;
+2. after a (re)connect, the first flush starts after ``uniform(0, flush_splay)`` where
+   ``flush_splay = min(splay_s, FLUSH_SPLAY_CAP_S)``: a thousand envoys that reconnect in the
+   same second spread their first batches over that window;
+3. between two batches the envoy pauses ``clamp(answer_s * batch_reports / FLUSH_MAX_REPORTS
+   * FLUSH_PACE_FACTOR, FLUSH_PAUSE_MIN_S, FLUSH_PAUSE_MAX_S)``: the slower the server answered
+   a full batch, the longer the envoy waits before the next one, so a loaded server sees its
+   offered load fall as its answers slow down (self-clocking, like TCP's ack clock); a server
+   that answers in milliseconds drains a queue at full speed;
+4. ``overloaded`` / ``unavailable`` with ``retry_after_s``: wait at least that long (plus
+   full jitter on the flush backoff), then resend the same batch; it was not stored, or it was
+   stored and the resend is acknowledged again (the server stores run ids idempotently);
+5. a report leaves the queue only when its run id is in an acknowledgement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable
+
+#: First reconnect wait bound, seconds (attempt 0 waits uniform(0, 1 s)).
+RECONNECT_BASE_S = 1.0
+#: Largest reconnect wait bound, seconds. With full jitter a fleet's retries at the cap are spread
+#: evenly over this window (1,000 envoys: ~17 connection attempts/s), and an envoy notices a
+#: returned server within this long (half of it on average).
+RECONNECT_CAP_S = 60.0
+#: Flush retry backoff after an `overloaded`/`unavailable` answer (on top of retry_after_s).
+FLUSH_RETRY_BASE_S = 0.5
+FLUSH_RETRY_CAP_S = 30.0
+#: Upper bound of the random delay before the first flush after a (re)connect, seconds.
+FLUSH_SPLAY_CAP_S = 10.0
+#: Pause between two batches: the server's answer time for a full batch, times this.
+FLUSH_PACE_FACTOR = 1.0
+#: Bounds of the pause between two batches, seconds.
+FLUSH_PAUSE_MIN_S = 0.0
+FLUSH_PAUSE_MAX_S = 5.0
+
+Clock = Callable[[], float]
+
+
+def full_jitter(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """``uniform(0, min(cap_s, base_s * 2**attempt))`` seconds; attempt 0 is the first retry."""
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    bound = min(cap_s, base_s * 2 ** min(attempt, 62))  # 2**62 * base is past any cap
+    return rng.uniform(0.0, max(0.0, bound))
+
+
+class Backoff:
+    """Exponential backoff with full jitter and a server-given floor.
+
+    ``delay()`` after each failure returns how long to wait and remembers when the next try is
+    due (``not_before``); ``reset()`` after a success. ``attempt`` counts failures since the
+    last success.
+    """
+
+    def __init__(
+        self,
+        base_s: float = RECONNECT_BASE_S,
+        cap_s: float = RECONNECT_CAP_S,
+        *,
+        rng: random.Random | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if base_s <= 0 or cap_s < base_s:
+            raise ValueError(f"backoff needs 0 < base_s <= cap_s, got base {base_s}, cap {cap_s}")
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.attempt = 0
+        self.not_before = clock()
+
+    def delay(self, retry_after_s: float | None = None) -> float:
+        """The wait before the next try, seconds: full jitter for this attempt, never below
+        ``retry_after_s`` when the server gave one. Counts the attempt."""
+        wait = full_jitter(self.attempt, self.base_s, self.cap_s, self.rng)
+        if retry_after_s is not None and retry_after_s > wait:
+            wait = float(retry_after_s)
+        self.attempt += 1
+        self.not_before = self.clock() + wait
+        return wait
+
+    def remaining(self) -> float:
+        """Seconds until the next try is due (0 when it is due now)."""
+        return max(0.0, self.not_before - self.clock())
+
+    def reset(self) -> None:
+        self.attempt = 0
+        self.not_before = self.clock()
+
+
+def splay(key: str, splay_s: float) -> float:
+    """A deterministic per-host offset in [0, splay_s): the same host (key = its envoy id, or
+    hostname before joining) always lands at the same point of the interval, and a fleet
+    spreads evenly over it. Same function as the server's ``fleet.splay_for``."""
+    if splay_s <= 0:
+        return 0.0
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return (h / 2**64) * splay_s
+
+
+def flush_splay(splay_s: float, rng: random.Random) -> float:
+    """The random delay before the first flush after a (re)connect (rule 2), seconds."""
+    return rng.uniform(0.0, max(0.0, min(splay_s, FLUSH_SPLAY_CAP_S)))
+
+
+def flush_pause(answer_s: float, batch_reports: int, max_reports: int) -> float:
+    """The pause before the next batch (rule 3), seconds: the server's answer time scaled to a
+    full batch's share, clamped to [FLUSH_PAUSE_MIN_S, FLUSH_PAUSE_MAX_S]."""
+    if max_reports <= 0:
+        raise ValueError("max_reports must be positive")
+    share = min(1.0, max(0, batch_reports) / max_reports)
+    pause = max(0.0, answer_s) * share * FLUSH_PACE_FACTOR
+    return min(FLUSH_PAUSE_MAX_S, max(FLUSH_PAUSE_MIN_S, pause))
+
+
+def next_run_at(previous_due: float, interval_s: float, now: float) -> float:
+    """The next scheduled run after one due at ``previous_due``: one interval later, skipping
+    slots already missed (a run that overran its interval is not followed by a burst of
+    catch-up runs). Fixed rate: the schedule does not drift by each run's duration."""
+    if interval_s <= 0:
+        raise ValueError(f"interval must be positive, got {interval_s}")
+    due = previous_due + interval_s
+    if due <= now:
+        missed = int((now - due) // interval_s) + 1
+        due += missed * interval_s
+    return due
