@@ -78,6 +78,8 @@ BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 HELPER_MARK = "@@vigo-bench "
 RESOURCES_PER_REPORT = 20
+#: Most joins one token allows (the server refuses more).
+MAX_TOKEN_USES = 10_000
 
 
 def log(message: str) -> None:
@@ -143,6 +145,8 @@ class CpuWindow:
         span = max(total - self.machine_before[1], 1e-6)
         # Busy share of all cores, scaled to "percent of one core" like the per-process figures.
         out["machine"] = round(100 * cores * (busy - self.machine_before[0]) / span, 1)
+        # Everything else: Ray's own processes, the Ray helper, py-spy, and whatever else runs here.
+        out["other"] = round(out["machine"] - sum(v or 0 for k, v in out.items() if k != "machine"), 1)
         return out
 
 
@@ -160,8 +164,9 @@ def port_free(port: int) -> bool:
     return True
 
 
-def vigocli(args: list[str], *, timeout_s: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+def vigocli(args: list[str], *, timeout_s: float, extra_env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "token", **(extra_env or {})}
     return subprocess.run([str(BIN / "vigocli"), *args], env=env, capture_output=True, text=True,
                           timeout=timeout_s, check=False)
 
@@ -172,6 +177,7 @@ class DevServer:
     port: int
     dashboard_port: int
     ray_port: int
+    extra_env: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     ray_temp_dir: str | None = None
 
@@ -187,13 +193,17 @@ class DevServer:
             f"dashboard :{self.dashboard_port}, Ray GCS :{self.ray_port}")
         proc = vigocli(["server", "start", "--dev", "--data-dir", str(self.data_dir), "--port", str(self.port),
                         "--dashboard-port", str(self.dashboard_port), "--ray-port", str(self.ray_port), "--json"],
-                       timeout_s=300)
+                       timeout_s=300, extra_env=self.extra_env)
         with contextlib.suppress(OSError, ValueError):
             self.ray_temp_dir = json.loads((self.data_dir / "dev-head.json").read_text())["temp_dir"]
         if proc.returncode != 0:
             raise BenchmarkError(f"`vigocli server start --dev` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
         self.info = json.loads(proc.stdout)
         return self.info
+
+    def create_tokens(self, uses: int) -> list[str]:
+        """Join tokens for ``uses`` joins: one per MAX_TOKEN_USES (the server's cap per token)."""
+        return [self.create_token(min(MAX_TOKEN_USES, uses - done)) for done in range(0, uses, MAX_TOKEN_USES)]
 
     def create_token(self, uses: int) -> str:
         proc = vigocli(["token", "create", "--uses", str(uses), "--ttl", "3600", "--note", "checkin_load benchmark",
@@ -432,9 +442,10 @@ class SimEnvoy:
         self.reader = self.writer = None
 
 
-async def join_all(n: int, facts: FleetFacts, token: str, csr_pem: bytes, concurrency: int,
+async def join_all(n: int, facts: FleetFacts, tokens: list[str], csr_pem: bytes, concurrency: int,
                    timeout_s: float) -> tuple[list[SimEnvoy], dict[str, int], float]:
-    """``n`` real joins through the envoy's client code, at most ``concurrency`` at once."""
+    """``n`` real joins through the envoy's client code, at most ``concurrency`` at once; join
+    ``i`` spends ``tokens[i // MAX_TOKEN_USES]``."""
     from vigo.agent.client import EnvoyClient, _anonymous_context
     from vigo.errors import ServerError
 
@@ -451,7 +462,7 @@ async def join_all(n: int, facts: FleetFacts, token: str, csr_pem: bytes, concur
                 try:
                     async with asyncio.timeout(timeout_s):
                         async with await EnvoyClient.open(facts.gateway, ctx) as client:
-                            answer = await client.join(token, csr_pem, hostname, {**facts.traits, "hostname": hostname})
+                            answer = await client.join(tokens[index // MAX_TOKEN_USES], csr_pem, hostname, {**facts.traits, "hostname": hostname})
                     joined.append(SimEnvoy(index, hostname, answer["envoy_id"], int(answer["term"]),
                                            bytes(answer["certificate_pem"]), bytes(answer["ca_pem"]),
                                            traits_digest=uuid.uuid4().hex * 2))
@@ -645,11 +656,17 @@ class LoadRunner:
 # Profiles
 
 
+#: Leaf frames where a thread waits rather than works (py-spy still samples some of them):
+#: the event loop's epoll, and the Ray worker's main loop (its C++ core worker, mostly waiting).
+IDLE_LEAVES = ("EpollSelector.select (", "Worker.main_loop (", "Condition.wait (", "Event.wait (")
+
+
 def summarise_raw_profile(path: Path, top: int) -> dict[str, Any]:
-    """py-spy's raw (collapsed) stacks as top functions: self (leaf) and inclusive."""
+    """py-spy's raw (collapsed) stacks as top functions: self (leaf) and inclusive, as shares
+    of the busy samples (idle leaves, see IDLE_LEAVES, are counted apart)."""
     leaf: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
-    total = 0
+    total = idle = 0
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -661,15 +678,21 @@ def summarise_raw_profile(path: Path, top: int) -> dict[str, Any]:
         count = int(count_text)
         total += count
         frames = [_short_frame(f) for f in stack.split(";") if f]
+        if frames and frames[-1].startswith(IDLE_LEAVES):
+            idle += count
+            continue
         if frames:
             leaf[frames[-1]] += count
         for name in set(frames):
             inclusive[name] += count
 
-    def rows(counter: collections.Counter[str]) -> list[dict[str, Any]]:
-        return [{"frame": name, "samples": n, "pct": round(100 * n / total, 1)} for name, n in counter.most_common(top)]
+    busy = max(total - idle, 1)
 
-    return {"samples": total, "top_self": rows(leaf), "top_inclusive": rows(inclusive)}
+    def rows(counter: collections.Counter[str]) -> list[dict[str, Any]]:
+        return [{"frame": name, "samples": n, "pct": round(100 * n / busy, 1)} for name, n in counter.most_common(top)]
+
+    return {"samples": total, "idle_samples": idle, "busy_samples": total - idle,
+            "top_self": rows(leaf), "top_inclusive": rows(inclusive)}
 
 
 def _short_frame(frame: str) -> str:
@@ -748,7 +771,7 @@ async def settle_rss(pid: int, seconds: float) -> int:
 async def run(args: argparse.Namespace, server: DevServer, work: Path) -> dict[str, Any]:
     info = server.start()
     log(f"dev server up in {info['seconds']} s: gateway {info['gateway']}, bundle serial {info['bundle']['serial']}")
-    token = server.create_token(args.envoys + 10)
+    tokens = server.create_tokens(args.envoys)
     helper = RayHelper(args.ray_port, work / "ray-helper.log")
     await helper.start()
     try:
@@ -759,13 +782,13 @@ async def run(args: argparse.Namespace, server: DevServer, work: Path) -> dict[s
             raise BenchmarkError(f"actors not found: {sorted(names)}")
         pids = {"gateway": int(names[gw_name]), "primary": int(names[primary_name]), "loadgen": os.getpid()}
         log(f"pids: gateway {pids['gateway']}, primary {pids['primary']}, load generator {pids['loadgen']}")
-        return await run_with_server(args, server, helper, pids, token, work)
+        return await run_with_server(args, server, helper, pids, tokens, work)
     finally:
         await helper.close()
 
 
 async def run_with_server(args: argparse.Namespace, server: DevServer, helper: RayHelper, pids: dict[str, int],
-                          token: str, work: Path) -> dict[str, Any]:
+                          tokens: list[str], work: Path) -> dict[str, Any]:
     from vigo.agent.enrolment import make_envoy_key_and_csr
 
     facts = FleetFacts(server.info["gateway"], server.info["bundle"]["version"], int(server.info["bundle"]["serial"]),
@@ -777,7 +800,7 @@ async def run_with_server(args: argparse.Namespace, server: DevServer, helper: R
     log(f"joining {args.envoys} envoys ({args.join_concurrency} at a time) ...")
     window = CpuWindow(pids)
     window.start()
-    envoys, join_errors, join_s = await join_all(args.envoys, facts, token, csr_pem, args.join_concurrency,
+    envoys, join_errors, join_s = await join_all(args.envoys, facts, tokens, csr_pem, args.join_concurrency,
                                                  args.request_timeout)
     join = {"joined": len(envoys), "seconds": round(join_s, 1), "per_s": round(len(envoys) / join_s, 1),
             "errors": join_errors, "cpu_pct": window.stop()}
@@ -844,8 +867,9 @@ async def run_with_server(args: argparse.Namespace, server: DevServer, helper: R
         result = await measure_step(runner, helper, pids, rate, args.profile_seconds + 1)
         files = await spy
         profile = {"step": result, "py_spy_rate_hz": 100, "seconds": args.profile_seconds,
-                   "note": "py-spy --nonblocking, Python frames only (time in C extensions and the kernel "
-                           "is charged to the Python frame that called them); samples/(rate*seconds) ~ busy share",
+                   "note": "py-spy --nonblocking, all threads, Python frames only (time in C extensions, "
+                           "OpenSSL, SQLite, fsync and the kernel is charged to the Python frame that called "
+                           "them); percentages are of busy samples (idle leaves: " + ", ".join(IDLE_LEAVES) + ")",
                    "processes": {name: summarise_raw_profile(path, args.profile_top) for name, path in files.items()}}
 
     for envoy in envoys:
@@ -889,7 +913,7 @@ def print_report(res: dict[str, Any]) -> None:
           f"load generator {mem['loadgen_kb_per_connection']} KB per connection")
     header = (f"{'target/s':>8} {'achieved/s':>10} {'ok':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
               f"{'wait p99':>8} {'errors':>7} {'batch':>6} {'gw MB':>6} {'gw CPU%':>7} {'pri MB':>6} "
-              f"{'pri CPU%':>8} {'gen CPU%':>8} {'all CPU%':>8}")
+              f"{'pri CPU%':>8} {'gen CPU%':>8} {'oth CPU%':>8} {'all CPU%':>8}")
     print("\n" + header)
     print("-" * len(header))
     rows = list(res["steps"])
@@ -905,10 +929,12 @@ def print_report(res: dict[str, Any]) -> None:
         print(f"{s['target_per_s']:>8g} {s['achieved_per_s']:>10g} {s['ok']:>7} {f(lat['p50']):>8} "
               f"{f(lat['p99']):>8} {f(lat['max']):>8} {f(s['client_wait_ms']['p99']):>8} {errors:>7} "
               f"{f(s.get('gateway', {}).get('mean_batch')):>6} {rss['gateway']:>6g} {f(cpu['gateway']):>7} "
-              f"{rss['primary']:>6g} {f(cpu['primary']):>8} {f(cpu['loadgen']):>8} {f(cpu['machine']):>8}"
+              f"{rss['primary']:>6g} {f(cpu['primary']):>8} {f(cpu['loadgen']):>8} {f(cpu['other']):>8} "
+              f"{f(cpu['machine']):>8}"
               f"{s.get('label', '')}")
     print("(latency: scheduled time -> results_ok, checkin + results; 'wait p99': time a check-in waited in the load "
-          "generator for a free envoy or the event loop; CPU% of one core, 'all' = whole machine incl. Ray and others)")
+          "generator for a free envoy or the event loop; CPU% of one core (machine max 200%): 'oth' = Ray's own "
+          "processes, helpers and anything else running here, 'all' = whole machine)")
     for s in rows:
         if s["errors"]:
             print(f"errors at {s['target_per_s']:g}/s{s.get('label', '')}: {s['errors']}")
@@ -917,9 +943,9 @@ def print_report(res: dict[str, Any]) -> None:
             if not prof.get("samples"):
                 print(f"\nprofile {name}: {prof.get('error', 'no samples')}")
                 continue
-            busy = prof["samples"] / (res["profile"]["py_spy_rate_hz"] * res["profile"]["seconds"])
-            print(f"\nprofile {name}: {prof['samples']} samples (~{100 * busy:.0f}% of one core in Python threads); "
-                  "top self frames:")
+            busy = prof["busy_samples"] / (res["profile"]["py_spy_rate_hz"] * res["profile"]["seconds"])
+            print(f"\nprofile {name}: {prof['busy_samples']} busy samples of {prof['samples']} "
+                  f"(~{100 * busy:.0f}% of one thread's time); % of busy samples, top self frames:")
             for row in prof["top_self"][:12]:
                 print(f"  {row['pct']:5.1f}%  {row['frame']}")
             print("  top inclusive:")
@@ -961,6 +987,9 @@ def main() -> int:
     parser.add_argument("--ray-port", type=int, default=6411, help="Ray GCS port of the private dev server")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="data dir of the private dev server (default: a fresh /tmp/vigo-checkin-load-*)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the dev server (Ray head and actors inherit it), e.g. "
+                             "PYTHONPATH=DIR to try a package without installing it; repeatable")
     parser.add_argument("--keep", action="store_true", help="keep the data dir and the raw profiles, print where")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH, help="where the JSON results go")
     parser.add_argument("--ray-helper", action="store_true", help=argparse.SUPPRESS)
@@ -983,11 +1012,19 @@ def main() -> int:
     if soft < need:
         parser.error(f"{args.envoys} envoys need ~{need} file descriptors; the limit is {soft} (ulimit -n)")
 
+    extra_env = {}
+    for item in args.server_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--server-env wants NAME=VALUE, got {item!r}")
+        extra_env[name] = value
+
     own_dir = args.data_dir is None
     work = Path(tempfile.mkdtemp(prefix="vigo-checkin-load-", dir="/tmp"))
     data_dir = (args.data_dir or work / "data").resolve()
-    server = DevServer(data_dir, args.port, args.dashboard_port, args.ray_port)
+    server = DevServer(data_dir, args.port, args.dashboard_port, args.ray_port, extra_env)
     started = time.time()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     try:
         res = asyncio.run(run(args, server, work))
     except (BenchmarkError, subprocess.TimeoutExpired) as exc:
@@ -1008,12 +1045,14 @@ def main() -> int:
         "started_at": started,
         "seconds": round(time.time() - started, 1),
         "machine": {"cpus": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-                    "python": platform.python_version(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+                    "python": platform.python_version(), "loadavg_at_start": load_at_start,
+                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                     "note": "dev server (Ray head, gateway, primary) and load generator share these cores"},
         "vigo_version": vigo.__version__,
         "settings": {"envoys": args.envoys, "rates": args.rates, "step_seconds": args.step_seconds,
                      "resources_per_report": RESOURCES_PER_REPORT, "join_concurrency": args.join_concurrency,
-                     "connect_concurrency": args.connect_concurrency, "request_timeout_s": args.request_timeout},
+                     "connect_concurrency": args.connect_concurrency, "request_timeout_s": args.request_timeout,
+                     "server_env": extra_env},
         "targets": TARGETS,
         **res,
     }

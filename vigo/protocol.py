@@ -105,7 +105,7 @@ ERROR_CODES: dict[str, str] = {
 #: Every other code answers one message and the connection stays open.
 CLOSING_CODES = frozenset(
     {"frame_too_large", "truncated", "timeout", "bad_msgpack", "bad_envelope",
-     "unknown_version", "revoked"}
+     "unknown_version", "unknown_type", "revoked"}
 )
 
 # --- Schemas ----------------------------------------------------------------------------------

@@ -100,23 +100,22 @@ def test_client_that_leaves_mid_frame_is_counted_and_forgotten(gw):
     assert gw.server.status()["connections"] == 0
 
 
-def test_unknown_type_and_bad_body_keep_the_connection(gw):
+def test_unknown_type_closes_but_bad_body_keeps_the_connection(gw):
     async def scenario():
         reader, writer = await _open(gw)
-        writer.write(protocol._HEADER.pack(len(m := msgpack.packb({"v": 1, "t": "teleport", "id": 7, "b": {}}))) + m)
-        await writer.drain()
-        first = await protocol.read_frame(reader)
         writer.write(protocol._HEADER.pack(len(m := msgpack.packb({"v": 1, "t": "join", "id": 8, "b": {"token": 3}}))) + m)
         await writer.drain()
-        second = await protocol.read_frame(reader)
+        bad_body = await protocol.read_frame(reader)
         async with protocol.FrameConnection(reader, writer) as conn:
             pong = await conn.request("ping", {})
-        return first, second, pong
+        unknown, closed = await _raw_exchange(
+            gw, protocol._HEADER.pack(len(m := msgpack.packb({"v": 1, "t": "teleport", "id": 7, "b": {}}))) + m)
+        return bad_body, pong, unknown, closed
 
-    first, second, pong = asyncio.run(scenario())
-    assert (first.id, first.body["code"]) == (7, "unknown_type") and "teleport" in first.body["reason"]
-    assert (second.id, second.body["code"]) == (8, "bad_body") and "token" in second.body["reason"]
+    bad_body, pong, unknown, closed = asyncio.run(scenario())
+    assert (bad_body.id, bad_body.body["code"]) == (8, "bad_body") and "token" in bad_body.body["reason"]
     assert pong.type == "pong"
+    assert unknown.body["code"] == "unknown_type" and "teleport" in unknown.body["reason"] and closed
 
 
 def test_envoy_messages_need_a_certificate_and_admin_needs_the_token(gw):

@@ -377,7 +377,7 @@ def test_error_codes_are_the_documented_set():
     ]
     assert all(meaning and "\n" not in meaning for meaning in ERROR_CODES.values())
     assert set(ERROR_CODES) >= CLOSING_CODES
-    assert {"bad_body", "unknown_type", "bad_token", "forbidden", "overloaded"}.isdisjoint(
+    assert {"bad_body", "bad_token", "forbidden", "overloaded"}.isdisjoint(
         CLOSING_CODES
     )
 

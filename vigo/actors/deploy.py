@@ -25,6 +25,7 @@ from vigo.actors.control import Control
 from vigo.actors.gateway import Gateway
 from vigo.actors.primary import Primary
 from vigo.config import ServerConfig
+from vigo.errors import ConfigError
 
 log = logging.getLogger("vigo.actors.deploy")
 
@@ -52,13 +53,16 @@ def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | Non
     host = host or socket.gethostname()
     labels = node_host_labels()
     if host not in labels.values():
-        raise RuntimeError(
+        raise ConfigError(
             f"no alive Ray node is labelled {HOST_LABEL}={host}; start it with "
             f"`ray start ... --labels {HOST_LABEL}={host}` (labels seen: {sorted(set(labels.values())) or 'none'})"
         )
     common = {"lifetime": "detached", "namespace": NAMESPACE, "max_restarts": -1, "get_if_exists": True}
 
-    control = ray.remote(Control).options(name="control", num_cpus=0, **common).remote(control_dir or cfg.data_dir)
+    # Control keeps its topology on local disk too: pinned beside the primary's data.
+    control = ray.remote(Control).options(
+        name="control", num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: host}, **common,
+    ).remote(control_dir or cfg.data_dir)
     ray.get(control.ping.remote(), timeout=timeout_s)
 
     primary_name = f"primary-{cfg.partition}"
@@ -83,7 +87,7 @@ def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | Non
         except Exception as exc:
             # A gateway that cannot start (port taken) would restart forever: stop it, say why.
             ray.kill(gw, no_restart=True)
-            raise RuntimeError(
+            raise ConfigError(
                 f"gateway {name} did not start on port {cfg.listen.port}: {str(exc).strip().splitlines()[-1]}"
             ) from exc
     log.info("deployed partition %s (term %d) with gateways %s", cfg.partition, ping["term"], endpoints)

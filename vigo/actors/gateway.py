@@ -11,7 +11,9 @@ API without importing Ray.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 from typing import Any
 
 import ray
@@ -67,7 +69,11 @@ class Gateway:
         self.name = name
         self.backend = RayBackend(partition)
         primary = await self.backend.resolve()
-        material = await primary.gateway_material.remote()
+        node_ip = ray.util.get_node_ip_address()
+        names = [socket.gethostname(), socket.getfqdn()] + ([host] if host not in ("0.0.0.0", "::", "") else [])
+        ips = [node_ip] + ([host] if _is_ip(host) and host not in ("0.0.0.0", "::") else [])
+        # A certificate naming this node, so envoys that reach this gateway by it verify it.
+        material = await primary.gateway_material.remote([n for n in names if n and not _is_ip(n)], ips)
         cfg = config_mod.from_dict(material["config"])
         self.ca_fingerprint = material["ca_fingerprint"]
         # vigocli pins the gateway's own certificate by this digest, read from the dashboard.
@@ -131,3 +137,11 @@ def cert_fingerprint(cert_pem: bytes) -> str:
     import ssl
 
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert_pem.decode())).hexdigest()
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from vigo import config as config_mod
+from vigo.errors import ProtocolError, VigoError
 from vigo.server.partition import Partition, error_of
 
 log = logging.getLogger("vigo.actors.primary")
@@ -46,13 +47,14 @@ class Primary:
         not an exception that Ray would wrap in a traceback."""
         try:
             return {"ok": self.partition.admin(op, args)}
-        except Exception as exc:
-            if not isinstance(exc, ValueError | LookupError) and type(exc).__module__.startswith("builtins"):
-                log.exception("admin %s failed", op)
+        except (ProtocolError, VigoError) as exc:
+            return {"error": error_of(exc)}
+        except Exception as exc:  # a bug or a failing disk: the operator needs the traceback
+            log.exception("admin %s failed", op)
             return {"error": error_of(exc)}
 
-    def gateway_material(self) -> dict[str, Any]:
-        return self.partition.gateway_material()
+    def gateway_material(self, hostnames: list[str] | None = None, ips: list[str] | None = None) -> dict[str, Any]:
+        return self.partition.gateway_material(hostnames, ips)
 
     def bundle_bytes(self, serial: int) -> bytes:
         return self.partition.bundle_bytes(serial)

@@ -97,19 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--json", action="store_true", help="print the enrolment as one JSON object")
 
     run = sub.add_parser(
-        "run", parents=[state, traits_dir], help="check in, converge, report (--once: one run)",
+        "run", parents=[state, traits_dir], help="the daemon (--once: one run, then exit)",
         description=(
-            "Check in with the first reachable gateway (mutual TLS), take a newer bundle if there is "
-            "one, converge, queue the report and send the queue. With no gateway reachable the "
-            "cached bundle is enforced and the reports stay queued until a later run sends them."
+            "Without --once: the daemon. It converges on its schedule (interval with per-host splay) "
+            "whatever the network does, keeps a persistent connection to a gateway (reconnecting with "
+            "exponential backoff and full jitter), converges at once when the server notifies it, and "
+            "flushes the results queue paced so a fleet reconnecting together does not flatten the "
+            "server. SIGTERM finishes the current run and exits 0; SIGHUP reloads the config file. "
+            "With --once: check in with the first reachable gateway, take a newer bundle if there is "
+            "one, converge, queue the report and send the queue; with no gateway reachable the cached "
+            "bundle is enforced and the reports stay queued."
         ),
     )
-    run.add_argument("--once", action="store_true", help="one run, then exit (the daemon comes later)")
+    run.set_defaults(traits_dir=None)  # None: not given (the daemon's config file may set it)
+    run.add_argument("--once", action="store_true", help="one run, then exit (for cron or a systemd timer)")
     run.add_argument("--root", type=Path, help="resolve every managed path under this folder (tests, demos)")
-    run.add_argument("--noop", action="store_true", help="change nothing; report what would change, with diffs")
+    run.add_argument("--noop", action="store_true", help="(--once) change nothing; report what would change")
     run.add_argument("--json", action="store_true",
-                     help="print the run report as one JSON object, with \"server\" and \"flushed\"")
-    run.add_argument("--diff", action="store_true", help="show content diffs (always shown with --noop)")
+                     help="(--once) print the run report as one JSON object, with \"server\" and \"flushed\"")
+    run.add_argument("--diff", action="store_true", help="(--once) show content diffs (always shown with --noop)")
+    run.add_argument("--config", type=Path, metavar="FILE",
+                     help="(daemon) local config file (env VIGO_ENVOY_CONFIG; default "
+                          "/etc/vigo-envoy/envoy.yaml if present); flags given here win over it")
+    run.add_argument("--interval", type=_seconds_arg(0.1), metavar="SECONDS",
+                     help="(daemon) seconds between runs (default: the server's answer, else 300)")
+    run.add_argument("--splay", type=_seconds_arg(0.0), metavar="SECONDS",
+                     help="(daemon) bound of this host's offset in the interval (default: the server's, else 60)")
+    run.add_argument("--server", action="append", metavar="HOST:PORT", type=_server_arg,
+                     help="(daemon) gateway to use instead of the ones `join` stored; repeat for several")
 
     tr = sub.add_parser("traits", parents=[traits_dir], help="print this host's traits",
                         description="Collect and print the traits a run would evaluate conditions against.")
@@ -194,6 +209,18 @@ def _cmd_join(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _seconds_arg(low: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g} seconds, got {text}")
+        return value
+    return parse
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -201,11 +228,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from vigo.agent.runner import RunOptions
 
     if not args.once:
-        print("vigo-envoy run: the daemon is not available yet; use `vigo-envoy run --once` "
-              "(from cron or a systemd timer)", file=sys.stderr)
-        return EXIT_USAGE
+        return _daemon(args)
+    traits_dir = args.traits_dir or Path(os.environ.get("VIGO_ENVOY_TRAITS_DIR", TRAITS_DIR_DEFAULT))
     result = asyncio.run(run_once(
-        RunOptions(state_dir=args.state_dir, root=args.root, noop=args.noop, traits_dir=args.traits_dir)
+        RunOptions(state_dir=args.state_dir, root=args.root, noop=args.noop, traits_dir=traits_dir)
     ))
     report = result["report"]
     if args.json:
@@ -218,6 +244,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         else:
             print(f"offline: enforced the cached bundle; {result['queued']} report(s) queued")
     return EXIT_FAILED if report["counts"]["failed"] else EXIT_OK
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from vigo.agent.daemon import run_daemon
+
+    if args.noop or args.json or args.diff:
+        print("vigo-envoy run: --noop, --json and --diff are for `run --once`", file=sys.stderr)
+        return EXIT_USAGE
+    if args.verbose == 0:  # a daemon says what it does (one line per event) unless asked for less
+        logging.getLogger("vigo").setLevel(logging.INFO)
+    overrides = {"servers": args.server, "interval_s": args.interval, "splay_s": args.splay,
+                 "traits_dir": args.traits_dir, "root": args.root}
+    return run_daemon(args.state_dir, config_file=args.config, overrides=overrides)
 
 
 def _print_report(report: dict[str, Any], *, show_diff: bool) -> None:
@@ -289,6 +328,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         ("quarantined entries", str(len(info["quarantined"]))),
         ("servers", ", ".join(info.get("servers") or []) or "not joined"),
         ("last checkin", _ago(info.get("last_checkin_at"))),
+        ("daemon", _daemon_text(info)),
+        ("connected", _link_text(info)),
+        ("enforcing from cache", f"since {_ago(info['offline_since'])}" if info.get("offline_since") else "no"),
+        ("last successful flush", _flush_text(info.get("last_flush"))),
     ]
     if info.get("revoked"):
         rows.append(("REVOKED", f"{_ago(info['revoked'].get('at'))}: {info['revoked'].get('reason')}"))
@@ -298,6 +341,33 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for q in info["quarantined"]:
         print(f"  quarantined {q['db']}/{q['key']}: {q['reason']}")
     return EXIT_OK
+
+
+def _daemon_text(info: dict[str, Any]) -> str:
+    daemon = info.get("daemon") or {}
+    if not daemon.get("running"):
+        return "not running"
+    return f"running (pid {daemon.get('pid') or '?'}), started {_ago(daemon.get('started_at'))}"
+
+
+def _link_text(info: dict[str, Any]) -> str:
+    link = info.get("link")
+    if not (info.get("daemon") or {}).get("running"):
+        return "no (no daemon running)" + (f"; last known: {_link_state(link)}" if link else "")
+    return _link_state(link) if link else "not yet"
+
+
+def _link_state(link: dict[str, Any]) -> str:
+    if link.get("connected"):
+        return f"yes, to {link.get('server')} since {_ago(link.get('since'))}"
+    text = f"no, since {_ago(link.get('since'))}"
+    return text + (f" ({link['error']})" if link.get("error") else "")
+
+
+def _flush_text(flush: dict[str, Any] | None) -> str:
+    if not flush:
+        return "never"
+    return f"{_ago(flush.get('at'))} to {flush.get('server')}: {flush.get('acked')} acknowledged"
 
 
 def _ago(ts: float | None) -> str:

@@ -34,15 +34,18 @@ This module is imported by the envoy: standard library, msgpack and cryptography
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
 import os
+import random
 import re
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 
 from vigo.agent import runner, traits
+from vigo.agent.backoff import FLUSH_RETRY_BASE_S, FLUSH_RETRY_CAP_S, Backoff, flush_pause
 from vigo.agent.cache import Cache
 from vigo.agent.enrolment import make_envoy_key_and_csr, tls_client_context
 from vigo.errors import (
@@ -464,10 +468,13 @@ async def run_once(opts: runner.RunOptions) -> dict[str, Any]:
             if current is not None:
                 report = runner.converge_and_queue(cache, current, opts, offline=client is None,
                                                    host_traits=host_traits)
+            if report is not None:
+                runner.note_enforcement(cache, offline=client is None, at=report["started_at"])
             flushed = 0
             if client is not None:
                 try:
                     flushed = await flush(client, cache)
+                    record_flush(cache, client.server, flushed)
                 except ServerError as exc:  # the run happened; what was not acknowledged stays queued
                     log.warning("flush to %s stopped (%s): %s; the rest stays queued", client.server, exc.code,
                                 exc.reason)
@@ -498,20 +505,7 @@ async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_t
         return None, [f"certificate expired at {_iso(expired)}"]
     failures: list[str] = []
     ctx = tls_client_context(creds.ca_pem, creds.cert_pem, creds.key_pem)
-    stats = cache.queue_stats()
-    info = cache.bundle_info("current")
-    high_term = int(cache.meta("highest_term", 0) or 0)
-    body = {
-        "envoy_id": cache.envoy_id,
-        "traits": host_traits,
-        "bundle_version": info["version"] if info else None,
-        "serial": int(cache.meta("highest_serial", 0) or 0),
-        "term": high_term,
-        "queue_depth": stats.runs,
-        "oldest_queued_at": stats.oldest_started_at,
-        "last_run": cache.meta("last_run"),
-        "offline_runs": stats.offline_runs,
-    }
+    body = checkin_body(cache, host_traits)
     for server in servers:
         try:
             client = await EnvoyClient.open(server, ctx)
@@ -535,34 +529,66 @@ async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_t
             log.log(level, "gateway %s refused the checkin (%s): %s", server, exc.code, exc.reason)
             failures.append(f"{server} refused the checkin ({exc.code}): {exc.reason}")
             continue
-        if answer["term"] < high_term:
-            log.warning("gateway %s answered with term %d but this envoy has seen term %d: a stale "
-                        "server; its answer is ignored", server, answer["term"], high_term)
-            failures.append(f"{server} is stale (term {answer['term']} < {high_term})")
+        stale, _accepted = take_checkin_answer(cache, server, answer, trusted)
+        if stale is not None:
+            failures.append(stale)
             await client.close()
             continue
-        cache.update_meta({
-            "highest_term": max(high_term, answer["term"]),
-            "interval_s": answer["interval_s"],
-            "splay_s": answer["splay_s"],
-            "last_checkin_at": time.time(),
-            "last_server": server,
-        })
-        if answer.get("bundle") is not None:
-            _accept(cache, answer["bundle"], trusted, server)
         return client, failures
     return None, failures
 
 
-def _accept(cache: Cache, data: bytes, trusted: Any, server: str) -> None:
-    """Verify and cache a bundle from a gateway; a refusal keeps the last good one in force."""
+def checkin_body(cache: Cache, host_traits: dict[str, Any]) -> dict[str, Any]:
+    """What a check-in tells the server: traits, the bundle in force, the queue."""
+    stats = cache.queue_stats()
+    info = cache.bundle_info("current")
+    return {
+        "envoy_id": cache.envoy_id,
+        "traits": host_traits,
+        "bundle_version": info["version"] if info else None,
+        "serial": int(cache.meta("highest_serial", 0) or 0),
+        "term": int(cache.meta("highest_term", 0) or 0),
+        "queue_depth": stats.runs,
+        "oldest_queued_at": stats.oldest_started_at,
+        "last_run": cache.meta("last_run"),
+        "offline_runs": stats.offline_runs,
+    }
+
+
+def take_checkin_answer(cache: Cache, server: str, answer: dict[str, Any],
+                        trusted: Any) -> tuple[str | None, bool]:
+    """Believe a checkin answer, or not: ``(why it is stale, None if current; whether a newer
+    bundle was accepted)``. A current answer updates the schedule and term in the cache and its
+    bundle (if any) is verified and accepted unless it would roll policy back."""
+    high_term = int(cache.meta("highest_term", 0) or 0)
+    if answer["term"] < high_term:
+        log.warning("gateway %s answered with term %d but this envoy has seen term %d: a stale "
+                    "server; its answer is ignored", server, answer["term"], high_term)
+        return f"{server} is stale (term {answer['term']} < {high_term})", False
+    cache.update_meta({
+        "highest_term": max(high_term, answer["term"]),
+        "interval_s": answer["interval_s"],
+        "splay_s": answer["splay_s"],
+        "last_checkin_at": time.time(),
+        "last_server": server,
+    })
+    accepted = False
+    if answer.get("bundle") is not None:
+        accepted = _accept(cache, answer["bundle"], trusted, server)
+    return None, accepted
+
+
+def _accept(cache: Cache, data: bytes, trusted: Any, server: str) -> bool:
+    """Verify and cache a bundle from a gateway; a refusal keeps the last good one in force.
+    True when it is newer than the one in force (and now replaces it)."""
     try:
         incoming = bundle_mod.decode(data, trusted, origin=f"bundle from {server}")
-        cache.accept_bundle(incoming)
+        return cache.accept_bundle(incoming)
     except BundleRefusedError as exc:
         log.error("%s; keeping the bundle in force", exc)
     except BundleError as exc:
         log.error("refusing the bundle from %s: %s; keeping the bundle in force", server, exc)
+    return False
 
 
 async def flush(client: EnvoyClient, cache: Cache) -> int:
@@ -604,6 +630,122 @@ async def _send_one_by_one(client: EnvoyClient, cache: Cache, envoy_id: str,
             log.error("report %s %s; moved to the quarantine", run_id, reason)
             cache.quarantine_run(run_id, reason)
     return acked
+
+
+def record_flush(cache: Cache, server: str, acked: int) -> None:
+    """Remember the last flush that ended without an error (meta ``last_flush``)."""
+    cache.set_meta("last_flush", {"at": time.time(), "server": server, "acked": acked,
+                                  "queued": cache.queue_stats().runs})
+
+
+# --- the paced flush (daemon, and the benchmarks' in-process envoys) ---------------------------
+
+#: ``await call(fn)`` runs ``fn(cache)`` wherever the caller keeps its cache (the daemon: on
+#: the one thread that owns it) and returns the result.
+CacheCall = Callable[[Callable[[Cache], Any]], Awaitable[Any]]
+
+
+@dataclass
+class FlushStats:
+    """What one paced flush did."""
+
+    acked: int = 0
+    batches: int = 0
+    retried: int = 0  # answers with retry_after_s that were honoured
+    waited_s: float = 0.0  # time spent pausing and honouring retry-after
+    drained: bool = False  # the queue was empty when it ended
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+async def flush_paced(
+    client: EnvoyClient,
+    call: CacheCall,
+    *,
+    rng: random.Random,
+    stop: asyncio.Event | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> FlushStats:
+    """Send the queue oldest first, paced by the rule in ``vigo.agent.backoff`` (one batch in
+    flight, a pause after each batch derived from the server's answer time and the batch's
+    size, ``retry_after_s`` honoured with jitter on top); delete only acknowledged run ids.
+
+    Returns when the queue is empty, when ``stop`` is set, or when a batch acknowledged
+    nothing. Raises UnavailableError when the connection is gone (the caller reconnects) and
+    ServerError for a refusal that is not about one report's content.
+    """
+    stats = FlushStats()
+    envoy_id = await call(lambda c: c.envoy_id)
+    retry = Backoff(FLUSH_RETRY_BASE_S, FLUSH_RETRY_CAP_S, rng=rng, clock=clock)
+    while stop is None or not stop.is_set():
+        batch = await call(lambda c: c.pending(limit=FLUSH_MAX_REPORTS, max_bytes=FLUSH_MAX_BYTES))
+        if not batch:
+            stats.drained = True
+            return stats
+        reports = [_as_sent(report, envoy_id) for report in batch]
+        log.info("sending %d queued report(s) to %s", len(reports), client.server)
+        started = clock()
+        try:
+            acked = await client.send_results(envoy_id, reports)
+        except UnavailableError as exc:
+            stats.errors[exc.code] += 1
+            if exc.retry_after_s is None:
+                raise  # no answer at all: the connection is gone or useless
+            wait = retry.delay(exc.retry_after_s)
+            stats.retried += 1
+            stats.waited_s += wait
+            log.info("%s answered %s for a batch of %d report(s): retrying in %.2f s (asked %.2f s)",
+                     client.server, exc.code, len(reports), wait, exc.retry_after_s)
+            await _nap(wait, stop)
+            continue
+        except (ServerError, ProtocolError) as exc:
+            stats.errors[exc.code] += 1
+            if exc.code not in _REPORT_REFUSALS:
+                raise
+            acked = await _send_one_by_one_async(client, call, envoy_id, reports)
+        answer_s = clock() - started
+        retry.reset()
+        acked_ids = list(acked)
+        removed = await call(lambda c, ids=acked_ids: c.ack(ids))
+        stats.acked += removed
+        stats.batches += 1
+        log.info("flushed %d report(s) to %s in %.3f s (%d acknowledged)", len(reports), client.server,
+                 answer_s, removed)
+        if removed == 0:
+            return stats
+        pause = flush_pause(answer_s, len(reports), FLUSH_MAX_REPORTS)
+        if pause > 0:
+            stats.waited_s += pause
+            await _nap(pause, stop)
+    return stats
+
+
+async def _send_one_by_one_async(client: EnvoyClient, call: CacheCall, envoy_id: str,
+                                 reports: list[dict[str, Any]]) -> list[str]:
+    """``_send_one_by_one`` for a cache kept behind ``call``."""
+    acked: list[str] = []
+    for report in reports:
+        run_id = str(report["run_id"])
+        try:
+            acked += await client.send_results(envoy_id, [report])
+        except (ServerError, ProtocolError) as exc:
+            if isinstance(exc, UnavailableError) or exc.code not in _REPORT_REFUSALS:
+                raise
+            reason = f"refused by {client.server}: {exc.code}: {exc.reason}"
+            log.error("report %s %s; moved to the quarantine", run_id, reason)
+            await call(lambda c, run_id=run_id, reason=reason: c.quarantine_run(run_id, reason))
+    return acked
+
+
+async def _nap(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep, waking early when ``stop`` is set."""
+    if seconds <= 0:
+        return
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 def _as_sent(report: dict[str, Any], envoy_id: str) -> dict[str, Any]:

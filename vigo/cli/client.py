@@ -103,12 +103,16 @@ def _pinned_context() -> ssl.SSLContext:
     return ctx
 
 
+class _NotConnected(UnavailableError):
+    """The gateway could not be reached at all: the operation was certainly not sent."""
+
+
 async def _admin_call(gw: GatewayEndpoint, token: str, op: str, args: dict[str, Any]) -> Any:
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(gw.host, gw.port, ssl=_pinned_context()), CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
-        raise UnavailableError("unavailable", f"cannot connect to gateway {gw.name} at {gw.host}:{gw.port}: {exc}") from exc
+        raise _NotConnected("unavailable", f"cannot connect to gateway {gw.name} at {gw.host}:{gw.port}: {exc}") from exc
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
     got = hashlib.sha256(der).hexdigest() if der else "none"
     if got != gw.cert_sha256:
@@ -128,7 +132,9 @@ def admin(address: str, op: str, args: dict[str, Any] | None = None) -> Any:
     for gw in find_gateways(address, token):
         try:
             return asyncio.run(_admin_call(gw, token, op, args or {}))
-        except UnavailableError as exc:
+        except _NotConnected as exc:
+            # Only an operation that was never sent moves on to the next gateway: one whose
+            # connection broke mid-way may have run, and running it twice is worse.
             last = exc
             continue
         except ServerError as exc:

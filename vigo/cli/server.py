@@ -55,7 +55,10 @@ def _connect_ray(address: str = "auto") -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, namespace="vigo", logging_level="ERROR", log_to_driver=False)
+        try:
+            ray.init(address=address, namespace="vigo", logging_level="ERROR", log_to_driver=False)
+        except (ConnectionError, RuntimeError) as exc:
+            raise UnavailableError("unavailable", f"cannot connect to the Ray cluster at {address}: {exc}") from exc
 
 
 def _free_port() -> int:
@@ -85,7 +88,9 @@ def _stop_dev_head(temp_dir: str) -> int:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if temp_dir in cmdline:
+        # Ray's own processes name their temp dir as an argument; a `tail` of a log there does not.
+        if f"--temp-dir={temp_dir}" in cmdline or f"--temp_dir={temp_dir}" in cmdline or (
+                f"{temp_dir}/session_" in cmdline and ("ray" in cmdline.split(" ")[0] or "python" in cmdline.split(" ")[0])):
             pids.append(int(proc.name))
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
@@ -142,11 +147,18 @@ def start(
         {"address": address, "gcs": gcs, "temp_dir": str(temp_dir), "started_at": time.time(), "host": host}))
 
     _say("[2/4] deploying control, primary and gateway actors ...")
-    _connect_ray(gcs)
-    from vigo.actors.deploy import deploy
+    try:
+        _connect_ray(gcs)
+        from vigo.actors.deploy import deploy
 
-    cfg = config_mod.ServerConfig.local(data_dir, port)
-    deployed = deploy(cfg, host=host)
+        cfg = config_mod.ServerConfig.local(data_dir, port)
+        deployed = deploy(cfg, host=host)
+    except BaseException:
+        # Leave nothing half-started behind: the head we just started goes too.
+        _say("deploy failed; stopping the dev Ray head again")
+        _stop_dev_head(str(temp_dir))
+        (data_dir / DEV_MARKER).unlink(missing_ok=True)
+        raise
     gateway = next(iter(deployed["gateways"].values()))
 
     _say("[3/4] pushing the example stack ...")

@@ -33,6 +33,8 @@ STATUSES = (OFFLINE, FROM_CACHE, FAILED, PENDING, CONVERGED)
 
 #: Longest run id accepted; run ids are uuid4 hex (32) or summary-<uuid4 hex>.
 MAX_RUN_ID_CHARS = 128
+#: Largest run report stored, bytes (a 1,000-resource report is ~150 KB).
+MAX_REPORT_BYTES = 2 * 1024 * 1024
 #: Reports one `results` message may carry.
 MAX_REPORTS_PER_MESSAGE = 500
 
@@ -79,14 +81,18 @@ def record_checkin(db: apsw.Connection, envoy_id: str, body: dict[str, Any], *, 
             body.get("bundle_version"), int(body.get("serial") or 0), int(body.get("term") or 0),
             int(body.get("queue_depth") or 0), body.get("oldest_queued_at"),
             int(body.get("offline_runs") or 0),
-            json.dumps(body["last_run"]) if body.get("last_run") else None, envoy_id,
+            json.dumps(run_summary(body["last_run"])) if isinstance(body.get("last_run"), dict) else None, envoy_id,
         ),
     )
 
 
 def store_reports(db: apsw.Connection, envoy_id: str, reports: list[Any], *, now: float) -> tuple[list[str], int]:
     """Insert reports idempotently by run id; return the ids now stored (new or already there)
-    and how many offline runs were newly stored.
+    and how many offline runs they stand for.
+
+    Offline runs are counted whether new or already stored: an envoy resends a batch only after
+    it lost the acknowledgement, reconnected and checked in again, and that check-in counted
+    the batch's offline runs as still queued (the caller's decrement is floored at 0).
 
     A report whose envoy_id names another envoy is refused: an envoy speaks only for itself.
     """
@@ -96,11 +102,14 @@ def store_reports(db: apsw.Connection, envoy_id: str, reports: list[Any], *, now
     offline_new = 0
     for report in reports:
         run_id = _check_report(report, envoy_id)
+        packed = msgpack.packb(report, use_bin_type=True)
+        if len(packed) > MAX_REPORT_BYTES:
+            raise ProtocolError("bad_body", f"report {run_id} is {len(packed)} bytes; the limit is {MAX_REPORT_BYTES}")
         counts = report.get("counts") or {}
         db.execute(
             "INSERT INTO runs(run_id, envoy_id, kind, started_at, finished_at, received_at, bundle_version, "
             "serial, term, noop, offline, ok, changed, failed, skipped, report) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(run_id) DO NOTHING",
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(envoy_id, run_id) DO NOTHING",
             (
                 run_id, envoy_id, str(report.get("kind") or "run"),
                 report.get("started_at") if report.get("kind") != "summary" else report.get("first_started_at"),
@@ -110,10 +119,10 @@ def store_reports(db: apsw.Connection, envoy_id: str, reports: list[Any], *, now
                 int(report.get("offline") if report.get("kind") == "summary" else bool(report.get("offline"))),
                 int(counts.get("ok", 0)), int(counts.get("changed", 0)),
                 int(counts.get("failed", 0)), int(counts.get("skipped", 0)),
-                msgpack.packb(report, use_bin_type=True),
+                packed,
             ),
         )
-        if db.changes() and report.get("offline"):
+        if report.get("offline"):
             offline_new += int(report.get("offline")) if report.get("kind") == "summary" else 1
         acked.append(run_id)
     return acked, offline_new
@@ -134,15 +143,35 @@ def _check_report(report: Any, envoy_id: str) -> str:
     return run_id
 
 
+def run_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a run the server keeps on the envoy's record, each checked for its type:
+    what an envoy sends is data to validate, never trusted to have the right shape."""
+
+    def num(value: Any) -> float | None:
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    counts = run.get("counts") if isinstance(run.get("counts"), dict) else {}
+    return {
+        "run_id": str(run.get("run_id") or "")[:MAX_RUN_ID_CHARS],
+        "started_at": num(run.get("started_at")),
+        "duration_s": num(run.get("duration_s")),
+        "bundle_version": str(run["bundle_version"])[:64] if run.get("bundle_version") else None,
+        "serial": int(run["serial"]) if isinstance(run.get("serial"), int) and 0 <= run["serial"] < 2**62 else None,
+        "term": int(run["term"]) if isinstance(run.get("term"), int) and 0 <= run["term"] < 2**62 else None,
+        "offline": bool(run.get("offline")),
+        "counts": {k: int(counts.get(k)) if isinstance(counts.get(k), int) and 0 <= counts.get(k) < 2**62 else 0
+                   for k in ("ok", "changed", "failed", "skipped")},
+    }
+
+
 def note_latest_run(db: apsw.Connection, envoy_id: str, reports: list[Any]) -> None:
     """Make the newest real (not noop, not summary) run in this batch the envoy's last run, if it
     is newer than the one on record: its status then reflects what it actually applied."""
     runs = [r for r in reports if isinstance(r, dict) and r.get("kind", "run") == "run" and not r.get("noop")]
     if not runs:
         return
-    newest = max(runs, key=lambda r: r.get("started_at") or 0)
-    summary = {k: newest.get(k) for k in ("run_id", "started_at", "duration_s", "bundle_version", "serial",
-                                          "term", "offline", "counts")}
+    summary = max((run_summary(r) for r in runs), key=lambda r: r["started_at"] or 0.0)
+    newest = summary
     db.execute(
         "UPDATE envoys SET last_run = ?, bundle_version = COALESCE(?, bundle_version), "
         "serial = MAX(COALESCE(serial, 0), COALESCE(?, 0)) "
@@ -166,8 +195,9 @@ def envoy_rows(store: Store, envoy_id: str | None = None) -> list[dict[str, Any]
     sql = f"SELECT {', '.join(_ENVOY_COLUMNS)} FROM envoys"
     args: tuple = ()
     if envoy_id is not None:
-        sql += " WHERE id = ? OR id LIKE ? || '%'"
-        args = (envoy_id, envoy_id)
+        # A prefix match by substr, not LIKE: '%' and '_' in an id must not match everything.
+        sql += " WHERE id = ? OR substr(id, 1, length(?)) = ?"
+        args = (envoy_id, envoy_id, envoy_id)
     sql += " ORDER BY hostname, id"
     out = []
     for row in store.query(sql, args):

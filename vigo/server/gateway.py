@@ -40,6 +40,8 @@ log = logging.getLogger("vigo.server.gateway")
 
 #: How often the gateway refreshes its copy of the revocation list from the primary, seconds.
 REVOCATION_REFRESH_S = 2.0
+#: Idle limit for connections without an envoy certificate (joins, admin), seconds.
+ANONYMOUS_IDLE_TIMEOUT_S = 30.0
 #: Batches that may be in flight to the primary at once (pipelining hides call latency).
 MAX_BATCHES_IN_FLIGHT = 2
 
@@ -73,6 +75,10 @@ class GatewayStats:
     overloaded: int = 0
     protocol_errors: int = 0
     started_at: float = field(default_factory=time.time)
+    #: Error frames sent, by code (what envoys were told, including retry-afters).
+    errors: dict[str, int] = field(default_factory=dict)
+    #: Results batches committed whose acknowledgement was dropped (test hook, see below).
+    acks_dropped: int = 0
 
 
 class GatewayServer:
@@ -89,6 +95,7 @@ class GatewayServer:
         admin_token: Callable[[], str | None],
         revocations: list[dict[str, Any]] | None = None,
         on_stack_pushed: Callable[[], Awaitable[None]] | None = None,
+        drop_results_acks: int = 0,
     ) -> None:
         self.backend = backend
         self.cfg = cfg
@@ -100,11 +107,17 @@ class GatewayServer:
         self.stats = GatewayStats()
         self._conns: set[_Conn] = set()
         self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future]] = asyncio.Queue()
-        self._bundle_cache: tuple[int, bytes] | None = None
+        self._bundle_cache: tuple[int, asyncio.Future] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._in_flight = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
         self._background: set[asyncio.Future] = set()
+        #: TEST HOOK, 0 (off) in production: this many `results` requests have their batch
+        #: committed by the primary and then the connection dropped *before* the ack is written,
+        #: as a network failure at exactly that instant would (the envoy must resend; the
+        #: server must count the resent batch once). Set by tests through the constructor or
+        #: this attribute; counted in stats.acks_dropped.
+        self.drop_results_acks = drop_results_acks
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -175,13 +188,17 @@ class GatewayServer:
 
     async def _frames(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
         while True:
+            # Without an envoy certificate a connection is a join or an admin command: it has
+            # no reason to idle, and idle anonymous sockets must not crowd out the fleet.
+            idle = self.cfg.idle_timeout_s if conn.envoy_id else min(self.cfg.idle_timeout_s, ANONYMOUS_IDLE_TIMEOUT_S)
             try:
                 frame = await protocol.read_frame(
-                    reader, max_bytes=self.cfg.max_frame_bytes, idle_timeout_s=self.cfg.idle_timeout_s,
+                    reader, max_bytes=self.cfg.max_frame_bytes, idle_timeout_s=idle,
                     frame_timeout_s=self.cfg.frame_timeout_s)
             except ProtocolError as exc:
                 self.stats.protocol_errors += 1
                 if exc.code not in protocol.CLOSING_CODES and hasattr(exc, "frame_id"):
+                    self._count_error(exc.code)
                     await conn.send("error", exc.frame_id, protocol.error_body(exc.code, exc.reason),
                                     self.cfg.max_frame_bytes)
                     continue
@@ -197,12 +214,41 @@ class GatewayServer:
                 if exc.code in protocol.CLOSING_CODES:
                     await self._fail(conn, frame.id, exc.code, exc.reason)
                     return
-                await conn.send("error", frame.id, protocol.error_body(exc.code, exc.reason, retry_after_s=_retry(exc)),
-                                self.cfg.max_frame_bytes)
+                self._count_error(exc.code)
+                await conn.send("error", frame.id, protocol.error_body(
+                    exc.code, exc.reason, retry_after_s=self._retry(exc)), self.cfg.max_frame_bytes)
                 continue
-            await conn.send(reply_type, frame.id, body, self.cfg.max_frame_bytes)
+            except Exception as exc:  # the primary or control failed: say so, keep the connection
+                log.warning("%s request failed behind the gateway: %s", frame.type, exc)
+                self._count_error("unavailable")
+                await conn.send("error", frame.id, protocol.error_body(
+                    "unavailable", f"the server could not answer {frame.type} now ({type(exc).__name__}); retry later",
+                    retry_after_s=self.cfg.retry_after_s), self.cfg.max_frame_bytes)
+                continue
+            if frame.type == "results" and self.drop_results_acks > 0:
+                self.drop_results_acks -= 1
+                self.stats.acks_dropped += 1
+                log.warning("test hook: dropping the connection after committing a results batch, before its ack")
+                conn.writer.transport.abort()
+                return
+            try:
+                await conn.send(reply_type, frame.id, body, self.cfg.max_frame_bytes)
+            except ProtocolError as exc:  # the reply itself does not fit a frame
+                self._count_error("internal")
+                await conn.send("error", frame.id, protocol.error_body(
+                    "internal", f"the {reply_type} reply cannot be sent: {exc.reason}"), self.cfg.max_frame_bytes)
+
+    def _count_error(self, code: str) -> None:
+        self.stats.errors[code] = self.stats.errors.get(code, 0) + 1
+
+    def _retry(self, exc: ProtocolError) -> float | None:
+        """The retry-after an error frame carries: the configured one for `overloaded`."""
+        if exc.code == "overloaded":
+            return self.cfg.retry_after_s
+        return getattr(exc, "retry_after_s", None)
 
     async def _fail(self, conn: _Conn, id: int, code: str, reason: str, retry_after_s: float | None = None) -> None:
+        self._count_error(code)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(
                 conn.send("error", id, protocol.error_body(code, reason, retry_after_s=retry_after_s), self.cfg.max_frame_bytes), 5)
@@ -240,26 +286,35 @@ class GatewayServer:
             self.revoked = RevocationSet.from_list(answer["ok"]["revocations"])
             self._drop_revoked()
         if body["op"] == "stack.push":
-            await self.notify_all("bundle_changed")
+            self._spawn(self.notify_all("bundle_changed"))  # the push's answer never waits on envoys
             if self.on_stack_pushed is not None:
                 self._spawn(self.on_stack_pushed())
         return answer["ok"]
 
     async def _bundle(self, serial: int) -> bytes:
+        """The bundle for ``serial``, fetched from the primary once however many check-ins ask
+        at the same moment (after a push, the whole fleet does)."""
         if self._bundle_cache is None or self._bundle_cache[0] != serial:
-            self._bundle_cache = (serial, await self.backend.bundle_bytes(serial))
-        return self._bundle_cache[1]
+            future = asyncio.ensure_future(self.backend.bundle_bytes(serial))
+            self._bundle_cache = (serial, future)
+        future = self._bundle_cache[1]
+        try:
+            return await asyncio.shield(future)
+        except Exception:
+            if self._bundle_cache is not None and self._bundle_cache[1] is future:
+                self._bundle_cache = None  # the next check-in tries again
+            raise
 
     async def notify_all(self, reason: str) -> int:
         """Tell every connected envoy to converge now (persistent connections only)."""
-        sent = 0
-        for conn in list(self._conns):
-            if conn.envoy_id is None:
-                continue
+        async def one(conn: _Conn) -> bool:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.send("notify", 0, {"reason": reason}, self.cfg.max_frame_bytes), 2)
-                sent += 1
-        return sent
+                return True
+            return False
+
+        results = await asyncio.gather(*(one(c) for c in list(self._conns) if c.envoy_id is not None))
+        return sum(results)
 
     def _drop_revoked(self) -> None:
         for conn in list(self._conns):
@@ -307,7 +362,9 @@ class GatewayServer:
                 answers = await self.backend.handle_batch([item for item, _ in batch])
             except Exception as exc:
                 log.warning("batch of %d failed at the primary: %s", len(batch), exc)
-                answers = [{"error": {"code": "unavailable", "reason": f"the partition's primary failed: {exc}"}}] * len(batch)
+                # The exception text may carry a remote traceback: keep it in the log only.
+                answers = [{"error": {"code": "unavailable",
+                                      "reason": f"the partition's primary failed ({type(exc).__name__}); retry later"}}] * len(batch)
             for (_, future), answer in zip(batch, answers, strict=False):
                 if not future.done():
                     future.set_result(answer)
@@ -335,13 +392,10 @@ class GatewayServer:
             "queue": self._queue.qsize(),
             "overloaded": s.overloaded,
             "protocol_errors": s.protocol_errors,
+            "errors": dict(s.errors),
             "revoked": len(self.revoked),
         }
 
 
 class _Refused(ProtocolError):
     """An error answer from the primary, passed on to the client as is."""
-
-
-def _retry(exc: ProtocolError) -> float | None:
-    return getattr(exc, "retry_after_s", None) if exc.code != "overloaded" else 5.0

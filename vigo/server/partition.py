@@ -12,8 +12,10 @@ they travel in the one stream with everything else) and materialised under DATA_
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import re
 import socket
 import tempfile
 import time
@@ -33,6 +35,7 @@ from vigo.errors import (
     RevokedError,
     SecretError,
     StackError,
+    StoreError,
     TokenError,
     VigoError,
 )
@@ -52,6 +55,13 @@ from vigo.server.secrets import SecretBox
 from vigo.server.store import Store
 
 log = logging.getLogger("vigo.server.partition")
+
+#: Admin operation names: a group and a verb, lower case (`envoys.revoke`).
+_OP_RE = re.compile(r"^[a-z]+(\.[a-z]+)?$")
+#: A pushed stack's name: a folder name, never a path.
+_STACK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Room left in a check-in answer's frame for everything but the bundle, bytes.
+FRAME_HEADROOM_BYTES = 64 * 1024
 
 #: Largest stack push accepted (all files together), bytes.
 MAX_STACK_PUSH_BYTES = 64 * 1024 * 1024
@@ -115,13 +125,23 @@ class Partition:
 
     # --- what the gateway needs ---------------------------------------------------------
 
-    def gateway_material(self) -> dict[str, Any]:
-        """TLS material and settings a gateway needs to serve this partition."""
+    def gateway_material(self, hostnames: list[str] | None = None, ips: list[str] | None = None) -> dict[str, Any]:
+        """TLS material and settings a gateway needs to serve this partition.
+
+        A gateway on another node names its own host: it gets a certificate of its own (issued
+        now, never stored: the CA can issue another at its next start), so envoys that reach it
+        by that name or address verify it. Without names, the partition's stored certificate.
+        """
+        if hostnames or ips:
+            key_pem, cert_pem = self.ca.issue_server_cert(
+                sorted({"localhost", *(hostnames or [])}), sorted({"127.0.0.1", *(ips or [])}))
+        else:
+            key_pem, cert_pem = self._tree("tls", "server.key"), self._tree("tls", "server.pem")
         return {
             "partition": self.cfg.partition,
             "ca_pem": self._tree("tls", "ca.pem"),
-            "cert_pem": self._tree("tls", "server.pem"),
-            "key_pem": self._tree("tls", "server.key"),
+            "cert_pem": cert_pem,
+            "key_pem": key_pem,
             "ca_fingerprint": self.ca.fingerprint(),
             "term": self.term,
             "revocations": self.revocations().to_list(),
@@ -171,9 +191,14 @@ class Partition:
                         answers.append({"ok": self._one(db, item, now, current, touched)})
                 except (ProtocolError, VigoError) as exc:
                     answers.append({"error": error_of(exc)})
-                except apsw.Error as exc:  # a constraint or I/O error in one item: that item fails
-                    log.exception("batch item %s failed in the database", item.get("type"))
-                    answers.append({"error": {"code": "internal", "reason": f"database error: {exc}"}})
+                except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as exc:
+                    # A body that passed the schema but carries values the store cannot take
+                    # (a 2**63 serial, bytes map keys in traits, ...): that request fails alone.
+                    answers.append({"error": {"code": "bad_body",
+                                              "reason": f"{item.get('type')} body has a value of the wrong form: {type(exc).__name__}: {exc}"}})
+                except Exception as exc:  # a constraint, I/O error or bug: that item fails, logged
+                    log.exception("batch item %s failed", item.get("type"))
+                    answers.append({"error": {"code": "internal", "reason": f"the server failed on this request ({type(exc).__name__})"}})
             for envoy_id in touched:
                 fleet.apply_retention(db, envoy_id, keep=self.cfg.retention.runs_per_envoy,
                                       max_age_s=self.cfg.retention.max_age_days * 86400, now=now)
@@ -204,7 +229,8 @@ class Partition:
         if kind == "results":
             acked, offline_stored = fleet.store_reports(db, envoy_id, body.get("reports") or [], now=now)
             if offline_stored:
-                # The check-in counted them as queued offline runs; now they have arrived.
+                # The check-in counted them as queued offline runs; now they have arrived (or
+                # arrived before, and the ack was lost: the check-in since counted them again).
                 db.execute("UPDATE envoys SET offline_runs = MAX(0, offline_runs - ?) WHERE id = ?",
                            (offline_stored, envoy_id))
             fleet.note_latest_run(db, envoy_id, body.get("reports") or [])
@@ -258,10 +284,16 @@ class Partition:
     # --- admin --------------------------------------------------------------------------
 
     def admin(self, op: str, args: dict[str, Any]) -> Any:
-        handler = getattr(self, "_admin_" + op.replace(".", "_").replace("-", "_"), None)
-        if handler is None or not op.replace(".", "").replace("_", "").isalnum():
+        """Run one admin operation. Only canonical names (`envoys.list`) reach a handler, and the
+        arguments must fit its signature and the types checked inside it."""
+        handler = getattr(self, "_admin_" + op.replace(".", "_"), None) if _OP_RE.match(op) else None
+        if handler is None:
             raise ProtocolError("not_found", f"unknown admin operation {op!r}")
-        return handler(**(args or {}))
+        try:
+            bound = inspect.signature(handler).bind(**(args or {}))
+        except TypeError as exc:
+            raise ProtocolError("bad_body", f"{op}: {exc}") from exc
+        return handler(*bound.args, **bound.kwargs)
 
     def _admin_status(self) -> dict[str, Any]:
         now = time.time()
@@ -285,6 +317,10 @@ class Partition:
         }
 
     def _admin_stack_push(self, files: dict[str, bytes], name: str = "stack") -> dict[str, Any]:
+        if not isinstance(name, str) or not _STACK_NAME_RE.match(name):
+            raise ProtocolError("bad_body", f"stack name must be a folder name (letters, digits, . _ -), got {name!r:.80}")
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, bytes) for k, v in files.items()):
+            raise ProtocolError("bad_body", "stack.push files must map relative paths (text) to contents (bytes)")
         size = sum(len(v) for v in files.values())
         if size > MAX_STACK_PUSH_BYTES:
             raise StackError("stack too large to push", expected=f"<= {MAX_STACK_PUSH_BYTES} bytes", got=size)
@@ -301,6 +337,11 @@ class Partition:
             secrets = self._secret_values(stack.secret_names())
             serial = (self.current_serial() or 0) + 1
             built = bundle_mod.build(stack, signing_key=self.signing_key, serial=serial, term=self.term, secrets=secrets)
+        limit = self.cfg.gateway.max_frame_bytes - FRAME_HEADROOM_BYTES
+        if len(built.encode()) > limit:
+            raise StackError("the built bundle would not fit in one check-in answer",
+                             expected=f"<= {limit} bytes (gateway.max_frame_bytes minus headroom)",
+                             got=f"{len(built.encode())} bytes")
         summary = {**built.summary(), "secrets": sorted(built.secrets), "files": sorted(files)}
         current = self.store.one("SELECT version, term FROM bundles ORDER BY serial DESC LIMIT 1")
         if current is not None and tuple(current) == (built.version, self.term):
@@ -328,9 +369,15 @@ class Partition:
                 "summary": json.loads(row[4]), "history": history}
 
     def _admin_token_create(self, ttl_s: float | None = None, uses: int | None = None, note: str = "") -> dict[str, Any]:
+        if ttl_s is not None and (not isinstance(ttl_s, int | float) or isinstance(ttl_s, bool) or ttl_s <= 0):
+            raise ProtocolError("bad_body", f"token ttl_s must be a positive number of seconds, got {ttl_s!r}")
+        if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or uses < 1):
+            raise ProtocolError("bad_body", f"token uses must be a whole number >= 1, got {uses!r}")
+        if not isinstance(note, str) or len(note) > 200:
+            raise ProtocolError("bad_body", "token note must be text of at most 200 characters")
         now = time.time()
-        token, rec = issue_token(now=now, ttl_s=ttl_s or self.cfg.admissions.token_ttl_s,
-                                 uses=uses or self.cfg.admissions.token_uses, note=note)
+        token, rec = issue_token(now=now, ttl_s=self.cfg.admissions.token_ttl_s if ttl_s is None else ttl_s,
+                                 uses=self.cfg.admissions.token_uses if uses is None else uses, note=note)
         with self.store.write() as db:
             db.execute("INSERT INTO tokens(id, hash, created_at, expires_at, uses_left, uses_total, note) "
                        "VALUES (?,?,?,?,?,?,?)",
@@ -363,6 +410,10 @@ class Partition:
         return out
 
     def _admin_envoys_show(self, envoy_id: str, runs: int = 10) -> dict[str, Any]:
+        if not isinstance(envoy_id, str) or not envoy_id:
+            raise ProtocolError("bad_body", f"envoy id must be a non-empty string, got {envoy_id!r:.80}")
+        if not isinstance(runs, int) or isinstance(runs, bool) or not 0 <= runs <= 1000:
+            raise ProtocolError("bad_body", f"runs must be a whole number in 0..1000, got {runs!r}")
         rows = fleet.envoy_rows(self.store, envoy_id)
         if not rows:
             raise ProtocolError("not_found", f"no envoy with id (or id prefix) {envoy_id!r}")
@@ -384,7 +435,14 @@ class Partition:
         return {"id": target, "revoked_at": now, "revocations": self.revocations().to_list()}
 
     def _admin_secrets_set(self, name: str, value: bytes | str) -> dict[str, Any]:
-        data = value.encode() if isinstance(value, str) else bytes(value)
+        if not isinstance(value, str | bytes):
+            raise ProtocolError("bad_body", f"secret value must be text or bytes, got {type(value).__name__}")
+        data = value.encode() if isinstance(value, str) else value
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("bad_body", f"secret {name!r} is not UTF-8 text; templates need text "
+                                            "(base64-encode binary values)") from None
         sealed = self.secrets.seal(name, data)
         with self.store.write() as db:
             self.store.put_file(db, "secrets", f"values/{name}.sealed", sealed)
@@ -414,7 +472,8 @@ def error_of(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, ProtocolError):
         return {"code": exc.code, "reason": exc.reason}
     for cls, code in ((TokenError, "bad_token"), (RevokedError, "revoked"), (AdmissionError, "forbidden"),
-                      (StackError, "bad_body"), (ConfigError, "bad_body"), (SecretError, "bad_body")):
+                      (StackError, "bad_body"), (ConfigError, "bad_body"), (SecretError, "bad_body"),
+                      (StoreError, "unavailable")):
         if isinstance(exc, cls):
             return {"code": code, "reason": str(exc)}
     return {"code": "conflict" if isinstance(exc, VigoError) else "internal", "reason": str(exc)}

@@ -2,8 +2,11 @@
 
 A sealed secret is ``version (1 byte) | nonce (12) | ciphertext+tag``. The associated data
 binds it to the secret's name, so a blob copied under another name (in the store, or a backup)
-does not open. The master key lives in a 0600 file beside the store and is never in the store
-or its backups: a stolen backup holds ciphertext only.
+does not open. The master key is part of the partition's state (a row of the ``secrets`` tree,
+materialised as ``secrets/master.key``, 0600), so a standby or a restore can open the secrets
+it replicated. The consequence, stated plainly: the database file, its WAL stream and the
+archive are as sensitive as the secrets themselves. Backups are encrypted as one unit for this
+reason (a later issue); moving the key out of band is the alternative if that is not enough.
 
 Nonces are random: at 96 bits, a key is good for far more seals (around 2**32) than a fleet
 will ever write secrets.

@@ -19,7 +19,9 @@ the primary's loop.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +31,8 @@ from typing import Any
 import apsw
 
 from vigo.errors import StoreError
+
+log = logging.getLogger("vigo.server.store")
 
 SCHEMA_VERSION = 1
 TREES = ("stack", "secrets", "tls", "server.yaml")
@@ -57,12 +61,13 @@ CREATE TABLE certs (
     not_after REAL NOT NULL, revoked_at REAL);
 CREATE INDEX certs_envoy ON certs(envoy_id);
 CREATE TABLE runs (
-    run_id TEXT PRIMARY KEY, envoy_id TEXT NOT NULL, kind TEXT NOT NULL,
+    run_id TEXT NOT NULL, envoy_id TEXT NOT NULL, kind TEXT NOT NULL,
     started_at REAL, finished_at REAL, received_at REAL NOT NULL, bundle_version TEXT,
     serial INTEGER, term INTEGER, noop INTEGER NOT NULL DEFAULT 0,
     offline INTEGER NOT NULL DEFAULT 0, ok INTEGER NOT NULL DEFAULT 0,
     changed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
-    skipped INTEGER NOT NULL DEFAULT 0, report BLOB NOT NULL);
+    skipped INTEGER NOT NULL DEFAULT 0, report BLOB NOT NULL,
+    PRIMARY KEY (envoy_id, run_id));
 CREATE INDEX runs_envoy ON runs(envoy_id, started_at);
 """
 
@@ -79,6 +84,8 @@ class Store:
                 raise StoreError(f"cannot put {self.data_dir / 'state.db'} in WAL mode (got {mode})")
             # The primary is the only checkpointer: no checkpoint behind the archiver's back.
             self.db.wal_autocheckpoint(0)
+            self._wal_frames = 0
+            self.db.set_wal_hook(self._on_wal_commit)
             # An acknowledged write survives power loss: results are acknowledged after commit.
             self.db.pragma("synchronous", "FULL")
             self.db.pragma("foreign_keys", True)
@@ -104,7 +111,10 @@ class Store:
             raise StoreError(f"database write failed and was rolled back: {exc}") from exc
         pending, self._pending_files = self._pending_files, []
         for tree, path in pending:
-            self._materialise(tree, path)
+            try:
+                self._materialise(tree, path)
+            except OSError as exc:  # committed: the database is right, the copy is repaired at start
+                log.error("cannot write %s/%s after commit: %s", tree, path, exc)
 
     def query(self, sql: str, args: tuple | dict = ()) -> list[tuple]:
         try:
@@ -153,11 +163,15 @@ class Store:
         return {r[0]: bytes(r[1]) for r in rows}
 
     def materialise_trees(self) -> int:
-        """Rewrite every tree file from the database (after a crash between commit and write)."""
+        """Rewrite every tree file from the database (after a crash between commit and write).
+        A file that cannot be written is logged, never fatal: the database is the truth."""
         count = 0
         for tree, path in self.query("SELECT tree, path FROM trees"):
-            self._materialise(tree, path)
-            count += 1
+            try:
+                self._materialise(tree, path)
+                count += 1
+            except OSError as exc:
+                log.error("cannot write %s/%s from the database: %s", tree, path, exc)
         return count
 
     def _materialise(self, tree: str, path: str) -> None:
@@ -167,6 +181,11 @@ class Store:
             target.unlink(missing_ok=True)
             return
         content, mode = bytes(row[0]), int(row[1])
+        for parent in reversed(target.parents):  # a folder that became a file, or the reverse
+            if parent.is_file() and self.data_dir in parent.parents:
+                parent.unlink()
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -184,18 +203,24 @@ class Store:
 
     # --- maintenance --------------------------------------------------------------------
 
+    def _on_wal_commit(self, _db: apsw.Connection, _name: str, pages: int) -> int:
+        # SQLite reports the WAL's frame count after each commit. The WAL *file* never shrinks
+        # after a checkpoint (it is reused from the start), so its size says nothing.
+        self._wal_frames = pages
+        return apsw.SQLITE_OK
+
     def wal_pages(self) -> int:
-        wal = self.data_dir / "state.db-wal"
-        try:
-            return max(0, (wal.stat().st_size - 32) // (self.db.pragma("page_size") + 24))
-        except FileNotFoundError:
-            return 0
+        """Frames in the WAL since it last restarted (as of the last commit)."""
+        return self._wal_frames
 
     def checkpoint(self, *, force: bool = False) -> tuple[int, int] | None:
         """PASSIVE checkpoint once the WAL passed CHECKPOINT_AFTER_PAGES (or when forced)."""
-        if not force and self.wal_pages() < CHECKPOINT_AFTER_PAGES:
+        if not force and self._wal_frames < CHECKPOINT_AFTER_PAGES:
             return None
-        return self.db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        result = self.db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        if result[0] == result[1]:
+            self._wal_frames = 0  # all copied back: the next writer restarts the WAL
+        return result
 
     def _migrate(self) -> None:
         version = self.db.pragma("user_version")
