@@ -36,7 +36,7 @@ per idle connected envoy.
 
 Writes ``benchmarks/results/checkin_load.json``.
 
-    .venv/bin/python benchmarks/checkin_load.py [--envoys 2000] [--rates 250,500,1000,2000,3000,4000]
+    .venv/bin/python benchmarks/checkin_load.py [--envoys 2000] [--rates 250,500,1000,1500,2000,3000,4000]
         [--step-seconds 10] [--ray-port 6411 --dashboard-port 8291 --port 7711] [--keep]
 """
 
@@ -46,9 +46,11 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import gc
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import socket
@@ -113,39 +115,77 @@ def cpu_s(pid: int) -> float | None:
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
-def machine_cpu_s() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine, all cores, from /proc/stat."""
+def machine_cpu_s() -> tuple[float, float, float]:
+    """(busy, total, irq) CPU seconds of the whole machine, all cores, from /proc/stat; irq is
+    interrupt and softirq time (loopback TCP is processed there), charged to no process."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     total = sum(values[:8])  # user nice system idle iowait irq softirq steal
-    return (total - values[3] - values[4]) / CLK_TCK, total / CLK_TCK
+    return (total - values[3] - values[4]) / CLK_TCK, total / CLK_TCK, (values[5] + values[6]) / CLK_TCK
+
+
+def kernel_thread_pids() -> list[int]:
+    """Kernel threads (children of kthreadd): ksoftirqd and friends carry network work too."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == 2:
+                    found.append(int(proc.name))
+    return found
+
+
+def head_pids(temp_dir: str | None, exclude: set[int]) -> list[int]:
+    """PIDs of our dev head's processes (their command line names its private Ray temp dir):
+    GCS, raylet, dashboard and its agents, idle workers. ``exclude``: the actors measured apart."""
+    if not temp_dir:
+        return []
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in exclude:
+            continue
+        with contextlib.suppress(OSError):
+            if temp_dir.encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+    return found
 
 
 @dataclass
 class CpuWindow:
-    """CPU use of named processes between ``start()`` and ``stop()``, percent of one core."""
+    """CPU use of named processes (or groups of them) between ``start()`` and ``stop()``, in
+    percent of one core; ``machine`` is the whole machine and ``other`` what none of the named
+    processes used (other engineers' work, the kernel, py-spy...)."""
 
     pids: dict[str, int]
+    groups: dict[str, list[int]] = field(default_factory=dict)
     t0: float = 0.0
     before: dict[str, float | None] = field(default_factory=dict)
-    machine_before: tuple[float, float] = (0.0, 0.0)
+    machine_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def _sample(self) -> dict[str, float | None]:
+        out = {name: cpu_s(pid) for name, pid in self.pids.items()}
+        for name, members in self.groups.items():
+            # A member that exited counts 0 from then on (good enough for idle Ray workers).
+            out[name] = sum(cpu_s(pid) or 0.0 for pid in members)
+        return out
 
     def start(self) -> None:
         self.t0 = time.monotonic()
-        self.before = {name: cpu_s(pid) for name, pid in self.pids.items()}
+        self.before = self._sample()
         self.machine_before = machine_cpu_s()
 
     def stop(self) -> dict[str, float | None]:
         wall = max(time.monotonic() - self.t0, 1e-6)
+        now = self._sample()
         out: dict[str, float | None] = {}
-        for name, pid in self.pids.items():
-            now, then = cpu_s(pid), self.before.get(name)
-            out[name] = None if now is None or then is None else round(100 * (now - then) / wall, 1)
-        busy, total = machine_cpu_s()
+        for name, value in now.items():
+            then = self.before.get(name)
+            out[name] = None if value is None or then is None else round(100 * (value - then) / wall, 1)
+        busy, total, irq = machine_cpu_s()
         cores = os.cpu_count() or 1
         span = max(total - self.machine_before[1], 1e-6)
         # Busy share of all cores, scaled to "percent of one core" like the per-process figures.
+        out["irq"] = round(100 * cores * (irq - self.machine_before[2]) / span, 1)
         out["machine"] = round(100 * cores * (busy - self.machine_before[0]) / span, 1)
-        # Everything else: Ray's own processes, the Ray helper, py-spy, and whatever else runs here.
         out["other"] = round(out["machine"] - sum(v or 0 for k, v in out.items() if k != "machine"), 1)
         return out
 
@@ -517,6 +557,85 @@ async def connect_all(envoys: list[SimEnvoy], key_pem: bytes, gateway: str, conc
 # Load steps
 
 
+class PingProbe:
+    """Gateway event-loop responsiveness: a ``ping`` every ``interval_s`` on one extra connection
+    (answered by the gateway itself, no primary involved). Its round trips show stalls of the
+    gateway's loop (long callbacks, garbage collection) apart from batching and the primary."""
+
+    def __init__(self, gateway: str, interval_s: float = 0.02) -> None:
+        self.gateway = gateway
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self.errors = 0
+        self._task: asyncio.Task[None] | None = None
+        self._conn: SimEnvoy | None = None
+
+    async def start(self) -> None:
+        from vigo.agent.client import _anonymous_context
+
+        host, port = self.gateway.rsplit(":", 1)
+        self._conn = SimEnvoy(-1, "ping-probe", "", 0, b"", b"")
+        async with asyncio.timeout(30):
+            self._conn.reader, self._conn.writer = await asyncio.open_connection(
+                host, int(port), ssl=_anonymous_context(), server_hostname=host)
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        assert self._conn is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            sent = loop.time()
+            try:
+                async with asyncio.timeout(30):
+                    await self._conn.request("ping", {})
+            except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                self.errors += 1
+                return
+            self.samples.append(loop.time() - sent)
+            await asyncio.sleep(self.interval_s)
+
+    def figures(self) -> dict[str, Any]:
+        values = sorted(self.samples)
+        self.samples = []
+
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(1000 * v, 1)
+
+        return {"pings": len(values), "p50_ms": ms(percentile(values, 0.5)), "p99_ms": ms(percentile(values, 0.99)),
+                "max_ms": ms(values[-1] if values else None), "errors": self.errors}
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._conn is not None:
+            self._conn.close()
+
+
+class GcMonitor:
+    """Garbage-collection pauses of this process (``gc.callbacks``), per generation."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.reset()
+        gc.callbacks.append(self._callback)
+
+    def reset(self) -> None:
+        self.pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter() - self._started)
+
+    def figures(self) -> dict[str, Any]:
+        every = [p for pauses in self.pauses.values() for p in pauses]
+        full = self.pauses[2]
+        return {"collections": len(every), "total_ms": round(1000 * sum(every), 1),
+                "full_collections": len(full), "full_max_ms": round(1000 * max(full), 1) if full else 0.0}
+
+
 def percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
@@ -535,16 +654,34 @@ class StepStats:
 
 
 class LoadRunner:
+    """Open-loop check-ins over the envoys' persistent connections. An envoy does one check-in
+    at a time; told ``overloaded``/``unavailable`` it rests ``retry_after_s`` (plus up to 50%
+    jitter, as the envoy's back-off does) before taking work again. The refused check-in counts
+    as an error and is not retried (open loop)."""
+
     def __init__(self, envoys: list[SimEnvoy], facts: FleetFacts, request_timeout_s: float, drain_s: float) -> None:
         self.facts = facts
         self.request_timeout_s = request_timeout_s
         self.drain_s = drain_s
         self.idle: collections.deque[SimEnvoy] = collections.deque(e for e in envoys if e.writer is not None)
         self.live = len(self.idle)
+        self.resting = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        self.backlog: collections.deque[float] = collections.deque()  # scheduled times waiting for an envoy
+        self.stats = StepStats()
 
-    async def _checkin(self, envoy: SimEnvoy, scheduled: float, stats: StepStats) -> bool:
-        """One check-in with its results; False if the envoy's connection is gone."""
+    def _refused(self, stage: str, body: dict[str, Any]) -> float:
+        """Count an error answer; the seconds the envoy rests before its next check-in."""
+        code = body.get("code")
+        self.stats.errors[f"{stage}:{code}"] += 1
+        if code in ("overloaded", "unavailable"):
+            return min(30.0, float(body.get("retry_after_s") or 1.0) * random.uniform(1.0, 1.5))
+        return 0.0
+
+    async def _checkin(self, envoy: SimEnvoy, scheduled: float) -> float | None:
+        """One check-in with its results: seconds to rest after it (0: none), None if the
+        envoy's connection is gone."""
+        stats = self.stats
         loop = asyncio.get_running_loop()
         sent = loop.time()
         stats.lags.append(sent - scheduled)
@@ -553,25 +690,23 @@ class LoadRunner:
             async with asyncio.timeout(self.request_timeout_s):
                 kind, body = await envoy.request("checkin", checkin_body(envoy, self.facts, wall))
                 if kind == "error":
-                    stats.errors[f"checkin:{body.get('code')}"] += 1
-                    return True
+                    return self._refused("checkin", body)
                 stats.checkin_latencies.append(loop.time() - sent)
                 if body.get("bundle") is not None:
                     stats.bundles_sent += 1
                 report = report_body(envoy, self.facts, wall)
                 kind, body = await envoy.request("results", {"envoy_id": envoy.envoy_id, "reports": [report]})
                 if kind == "error":
-                    stats.errors[f"results:{body.get('code')}"] += 1
-                    return True
+                    return self._refused("results", body)
                 if report["run_id"] not in body.get("acked", ()):
                     stats.errors["results:not_acked"] += 1
-                    return True
+                    return 0.0
         except TimeoutError:
             stats.errors["timeout"] += 1
-            return False  # a reply may still arrive: the stream is no longer at a known frame
+            return None  # a reply may still arrive: the stream is no longer at a known frame
         except (asyncio.IncompleteReadError, ConnectionError, OSError, ssl.SSLError) as exc:
             stats.errors[f"connection:{type(exc).__name__}"] += 1
-            return False
+            return None
         done = loop.time()
         stats.ok += 1
         stats.latencies.append(done - scheduled)
@@ -579,24 +714,41 @@ class LoadRunner:
         envoy.last_run = {"run_id": report["run_id"], "started_at": report["started_at"], "duration_s": 0.42,
                           "bundle_version": self.facts.bundle_version, "serial": self.facts.serial, "noop": False,
                           "offline": False, "counts": report["counts"]}
-        return True
+        return 0.0
 
-    async def _envoy_loop(self, envoy: SimEnvoy, scheduled: float, backlog: collections.deque[float],
-                          stats: StepStats) -> None:
+    def _dispatch(self, envoy: SimEnvoy, scheduled: float) -> None:
+        task = asyncio.create_task(self._envoy_loop(envoy, scheduled))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _wake(self, envoy: SimEnvoy) -> None:
+        self.resting -= 1
+        if self.backlog:
+            self._dispatch(envoy, self.backlog.popleft())
+        else:
+            self.idle.append(envoy)
+
+    async def _envoy_loop(self, envoy: SimEnvoy, scheduled: float) -> None:
         while True:
-            if not await self._checkin(envoy, scheduled, stats):
+            rest = await self._checkin(envoy, scheduled)
+            if rest is None:
                 envoy.close()
                 self.live -= 1
                 return
-            if not backlog:
+            if rest > 0:
+                self.resting += 1
+                asyncio.get_running_loop().call_later(rest, self._wake, envoy)
+                return
+            if not self.backlog:
                 self.idle.append(envoy)
                 return
-            scheduled = backlog.popleft()
+            scheduled = self.backlog.popleft()
 
     async def step(self, rate: float, seconds: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        stats = StepStats()
-        backlog: collections.deque[float] = collections.deque()
+        stats = self.stats = StepStats()
+        backlog = self.backlog
+        backlog.clear()
         total = max(1, int(rate * seconds))
         start = loop.time()
         issued = 0
@@ -606,9 +758,7 @@ class LoadRunner:
                 scheduled = start + issued / rate
                 issued += 1
                 if self.idle:
-                    task = asyncio.create_task(self._envoy_loop(self.idle.popleft(), scheduled, backlog, stats))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
+                    self._dispatch(self.idle.popleft(), scheduled)
                 else:
                     backlog.append(scheduled)
             await asyncio.sleep(max(0.0, start + issued / rate - loop.time()))
@@ -616,11 +766,7 @@ class LoadRunner:
         # Drain: what was scheduled in the window may finish late (that is the latency), but
         # only for so long; what never started by then counts as not_started.
         deadline = window_end + self.drain_s
-        while (self.tasks or backlog) and loop.time() < deadline:
-            if not self.tasks and backlog:
-                stats.errors["no_live_envoy"] += len(backlog)
-                backlog.clear()
-                break
+        while (self.tasks or backlog) and loop.time() < deadline and self.live > 0:
             await asyncio.sleep(0.05)
         if backlog:
             stats.errors["not_started"] += len(backlog)
@@ -649,6 +795,7 @@ class LoadRunner:
             "errors": dict(stats.errors),
             "bundles_sent": stats.bundles_sent,
             "live_connections": self.live,
+            "envoys_resting_at_end": self.resting,
         }
 
 
@@ -736,21 +883,27 @@ async def profile_processes(pids: dict[str, int], seconds: int, out_dir: Path) -
 # The run
 
 
-async def measure_step(runner: LoadRunner, helper: RayHelper, pids: dict[str, int], rate: float,
-                       seconds: float) -> dict[str, Any]:
+async def measure_step(runner: LoadRunner, helper: RayHelper, pids: dict[str, int], ray_head: list[int],
+                       kernel_threads: list[int], rate: float, seconds: float, gc_monitor: GcMonitor, probe: PingProbe) -> dict[str, Any]:
     before = await helper.status()
-    window = CpuWindow(pids)
+    window = CpuWindow(pids, {"ray_head": ray_head, "kernel": kernel_threads})
     window.start()
+    gc_monitor.reset()
+    probe.figures()  # drop what came before the step
     result = await runner.step(rate, seconds)
     result["cpu_pct"] = window.stop()
+    result["loadgen_gc"] = gc_monitor.figures()
+    result["gateway_ping"] = probe.figures()
     after = await helper.status()
     result["rss_mb"] = {name: round((rss_kb(pid) or 0) / 1024, 1) for name, pid in pids.items()}
     if before and after:
         batches = after["batches"] - before["batches"]
+        # status() gives the running mean; items batched in this step follow from it (to ~0.01).
+        items = after["mean_batch"] * after["batches"] - before["mean_batch"] * before["batches"]
         result["gateway"] = {
             "batches": batches,
             "requests": after["requests"] - before["requests"],
-            "mean_batch": round((after["requests"] - before["requests"]) / batches, 1) if batches else None,
+            "mean_batch": round(items / batches, 1) if batches else None,
             "overloaded": after["overloaded"] - before["overloaded"],
             "queue_at_end": after["queue"],
             "connections": after["connections"],
@@ -796,9 +949,11 @@ async def run_with_server(args: argparse.Namespace, server: DevServer, helper: R
     check_encoder(facts)
     key_pem, csr_pem = make_envoy_key_and_csr("bench-envoy")  # ONE key for every CSR (see module doc)
     memory: dict[str, Any] = {"rss_kb_at_start": {n: rss_kb(p) for n, p in pids.items()}}
+    ray_head = head_pids(server.ray_temp_dir, set(pids.values()))
+    kernel_threads = kernel_thread_pids()
 
     log(f"joining {args.envoys} envoys ({args.join_concurrency} at a time) ...")
-    window = CpuWindow(pids)
+    window = CpuWindow(pids, {"ray_head": ray_head, "kernel": kernel_threads})
     window.start()
     envoys, join_errors, join_s = await join_all(args.envoys, facts, tokens, csr_pem, args.join_concurrency,
                                                  args.request_timeout)
@@ -836,11 +991,26 @@ async def run_with_server(args: argparse.Namespace, server: DevServer, helper: R
     log(f"gateway RSS {gw_before / 1024:.0f} -> {gw_after / 1024:.0f} MB for {gw_conns} connections: "
         f"{per_conn:.1f} KB per idle envoy (target <= {TARGETS['idle_kb_per_envoy']:.0f})")
 
+    # The load generator holds every client connection: a full collection over them takes
+    # hundreds of milliseconds at 10,000 and would read as server latency. Its long-lived objects
+    # are frozen out of the collector (what each check-in allocates is still collected).
+    gc_monitor = GcMonitor()
+    gc.collect()
+    t0 = time.perf_counter()
+    gc.collect()
+    memory["loadgen_full_gc_ms_before_freeze"] = round(1000 * (time.perf_counter() - t0), 1)
+    memory["loadgen_gc_tracked_objects"] = len(gc.get_objects())
+    if not args.no_gc_freeze:
+        gc.freeze()
     runner = LoadRunner(envoys, facts, args.request_timeout, args.drain_seconds)
+    probe = PingProbe(facts.gateway)
+    await probe.start()
+    await asyncio.sleep(3)
+    memory["gateway_ping_idle"] = probe.figures()
     steps = []
     for rate in args.rates:
         log(f"step: {rate:g} check-ins/s for {args.step_seconds:g} s on {runner.live} connections ...")
-        result = await measure_step(runner, helper, pids, rate, args.step_seconds)
+        result = await measure_step(runner, helper, pids, ray_head, kernel_threads, rate, args.step_seconds, gc_monitor, probe)
         steps.append(result)
         log(f"  achieved {result['achieved_per_s']}/s, p50 {result['latency_ms']['p50']} ms, "
             f"p99 {result['latency_ms']['p99']} ms, errors {result['errors'] or 'none'}, "
@@ -864,7 +1034,8 @@ async def run_with_server(args: argparse.Namespace, server: DevServer, helper: R
         out_dir = work / "profiles"
         out_dir.mkdir(exist_ok=True)
         spy = asyncio.create_task(profile_processes(pids, args.profile_seconds, out_dir))
-        result = await measure_step(runner, helper, pids, rate, args.profile_seconds + 1)
+        result = await measure_step(runner, helper, pids, ray_head, kernel_threads, rate, args.profile_seconds + 1, gc_monitor,
+                                    probe)
         files = await spy
         profile = {"step": result, "py_spy_rate_hz": 100, "seconds": args.profile_seconds,
                    "note": "py-spy --nonblocking, all threads, Python frames only (time in C extensions, "
@@ -872,6 +1043,7 @@ async def run_with_server(args: argparse.Namespace, server: DevServer, helper: R
                            "them); percentages are of busy samples (idle leaves: " + ", ".join(IDLE_LEAVES) + ")",
                    "processes": {name: summarise_raw_profile(path, args.profile_top) for name, path in files.items()}}
 
+    await probe.close()
     for envoy in envoys:
         envoy.close()
     await asyncio.sleep(0.5)
@@ -910,10 +1082,13 @@ def print_report(res: dict[str, Any]) -> None:
     print(f"gateway RSS {gw[0] / 1024:.0f} MB -> {gw[1] / 1024:.0f} MB with {mem['gateway_connections']} idle "
           f"connections: {mem['gateway_kb_per_idle_envoy']} KB per idle envoy "
           f"({mem['gateway_kb_per_envoy_after_load']} KB after the load, connections idle again); "
-          f"load generator {mem['loadgen_kb_per_connection']} KB per connection")
+          f"load generator {mem['loadgen_kb_per_connection']} KB per connection; a full GC in the load generator "
+          f"took {mem['loadgen_full_gc_ms_before_freeze']} ms over {mem['loadgen_gc_tracked_objects']} objects; "
+          f"gateway ping with all connections idle: p50 {mem['gateway_ping_idle']['p50_ms']} ms, "
+          f"max {mem['gateway_ping_idle']['max_ms']} ms")
     header = (f"{'target/s':>8} {'achieved/s':>10} {'ok':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-              f"{'wait p99':>8} {'errors':>7} {'batch':>6} {'gw MB':>6} {'gw CPU%':>7} {'pri MB':>6} "
-              f"{'pri CPU%':>8} {'gen CPU%':>8} {'oth CPU%':>8} {'all CPU%':>8}")
+              f"{'wait p99':>8} {'ping p99/max':>13} {'errors':>7} {'batch':>6} {'gw MB':>6} {'gw CPU%':>7} {'pri MB':>6} "
+              f"{'pri CPU%':>8} {'gen CPU%':>8} {'ray CPU%':>8} {'krn CPU%':>8} {'oth CPU%':>8} {'all CPU%':>8}")
     print("\n" + header)
     print("-" * len(header))
     rows = list(res["steps"])
@@ -927,14 +1102,22 @@ def print_report(res: dict[str, Any]) -> None:
             return "-" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
         print(f"{s['target_per_s']:>8g} {s['achieved_per_s']:>10g} {s['ok']:>7} {f(lat['p50']):>8} "
-              f"{f(lat['p99']):>8} {f(lat['max']):>8} {f(s['client_wait_ms']['p99']):>8} {errors:>7} "
+              f"{f(lat['p99']):>8} {f(lat['max']):>8} {f(s['client_wait_ms']['p99']):>8} "
+              f"{f(s['gateway_ping']['p99_ms']) + '/' + f(s['gateway_ping']['max_ms']):>13} {errors:>7} "
               f"{f(s.get('gateway', {}).get('mean_batch')):>6} {rss['gateway']:>6g} {f(cpu['gateway']):>7} "
-              f"{rss['primary']:>6g} {f(cpu['primary']):>8} {f(cpu['loadgen']):>8} {f(cpu['other']):>8} "
+              f"{rss['primary']:>6g} {f(cpu['primary']):>8} {f(cpu['loadgen']):>8} {f(cpu['ray_head']):>8} "
+              f"{f((cpu.get('kernel') or 0) + (cpu.get('irq') or 0)):>8} {f(cpu['other']):>8} "
               f"{f(cpu['machine']):>8}"
               f"{s.get('label', '')}")
     print("(latency: scheduled time -> results_ok, checkin + results; 'wait p99': time a check-in waited in the load "
-          "generator for a free envoy or the event loop; CPU% of one core (machine max 200%): 'oth' = Ray's own "
-          "processes, helpers and anything else running here, 'all' = whole machine)")
+          "generator for a free envoy or the event loop; 'ping': round trip of a ping every 20 ms on an extra "
+          "connection, answered by the gateway alone (its event-loop stalls); CPU% of one core (machine max 200%): 'ray' = the rest of "
+          "this dev head (GCS, raylet, dashboard, idle workers), 'krn' = kernel threads and irq/softirq time "
+          "(loopback TCP), 'oth' = everything else on the machine (other engineers' work, the Ray helper, py-spy), "
+          "'all' = whole machine)")
+    print("load generator GC per step (collections / total ms / full collections, longest ms): "
+          + "; ".join(f"{s['target_per_s']:g}/s {g['collections']}/{g['total_ms']:g}/{g['full_collections']},"
+                      f"{g['full_max_ms']:g}" for s in rows if (g := s.get("loadgen_gc"))))
     for s in rows:
         if s["errors"]:
             print(f"errors at {s['target_per_s']:g}/s{s.get('label', '')}: {s['errors']}")
@@ -963,7 +1146,7 @@ def main() -> int:
                     "dev server on non-default ports; all traffic stays on 127.0.0.1.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--envoys", type=int, default=2000, help="simulated envoys (the issue's target is 10000)")
-    parser.add_argument("--rates", default="250,500,1000,2000,3000,4000",
+    parser.add_argument("--rates", default="250,500,1000,1500,2000,3000,4000",
                         help="check-in rates per second, comma-separated, one step each")
     parser.add_argument("--step-seconds", type=float, default=10.0, help="length of each rate step")
     parser.add_argument("--keep-going", action="store_true",
@@ -982,6 +1165,9 @@ def main() -> int:
     parser.add_argument("--profile-rate", type=float, default=None,
                         help="rate of the profiling step (default: the highest step run)")
     parser.add_argument("--profile-top", type=int, default=25, help="frames kept per profile summary")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="do not gc.freeze() the load generator's connections (its own full collections "
+                             "then add to the measured latency)")
     parser.add_argument("--port", type=int, default=7711, help="gateway port of the private dev server")
     parser.add_argument("--dashboard-port", type=int, default=8291, help="Ray dashboard port of the private dev server")
     parser.add_argument("--ray-port", type=int, default=6411, help="Ray GCS port of the private dev server")
@@ -1052,7 +1238,7 @@ def main() -> int:
         "settings": {"envoys": args.envoys, "rates": args.rates, "step_seconds": args.step_seconds,
                      "resources_per_report": RESOURCES_PER_REPORT, "join_concurrency": args.join_concurrency,
                      "connect_concurrency": args.connect_concurrency, "request_timeout_s": args.request_timeout,
-                     "server_env": extra_env},
+                     "server_env": extra_env, "loadgen_gc_freeze": not args.no_gc_freeze},
         "targets": TARGETS,
         **res,
     }

@@ -13,6 +13,9 @@ Commands: ``vigocli --help``, ``server status``, ``envoys list``, ``token create
   top-level imports from ``python -X importtime``;
 * a phase split of one admin command (imports / dashboard query / TLS + admin operation).
 
+Peak RSS comes from ``os.wait4``; on Linux a forked child starts from its parent's RSS, so
+this process stays small (the joins that grow the roster run in a helper child).
+
 The server is a private dev server (``vigocli server start --dev``) on non-default ports with its
 own data dir, stopped at the end with ``vigocli server stop --data-dir`` (never ``ray stop``).
 Fleet sizes (``--envoys``) are reached by real joins through the envoy's client code, so
@@ -283,7 +286,14 @@ def grow_roster(info: dict[str, Any], address: str, current: int, wanted: int) -
                        timeout_s=60)
         if proc.returncode != 0:
             raise BenchmarkError(f"`vigocli token create` failed: {proc.stderr[-800:]}")
-        joined += asyncio.run(join_envoys(info["gateway"], json.loads(proc.stdout)["token"], uses, current + joined))
+        # In a child: this process stays small, so the peak RSS that os.wait4 reports for the
+        # measured commands is theirs (a forked child starts with its parent's RSS on Linux).
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--join-helper", info["gateway"],
+                               json.loads(proc.stdout)["token"], str(uses), str(current + joined)],
+                              capture_output=True, text=True, timeout=max(120.0, uses / 20), check=False)
+        if done.returncode != 0:
+            raise BenchmarkError(f"joining envoys failed: {done.stderr[-2000:]}")
+        joined += int(done.stdout.strip())
     log(f"  joined {joined} in {time.monotonic() - t0:.1f} s")
     return current + joined
 
@@ -333,7 +343,10 @@ def print_report(res: dict[str, Any]) -> None:
           f"{imp['modules_imported']} modules, Ray imported: {imp['ray_imported']}; "
           f"python startup alone {imp['python_startup_s']['median']:.3f} s")
     print("heaviest top-level imports (python -X importtime, cumulative):")
-    for row in imp["top_level_cumulative_ms"][:10]:
+    for row in imp["top_level_cumulative_ms"][:6]:
+        print(f"  {row['ms']:7.1f} ms  {row['module']}")
+    print("heaviest single modules (self time):")
+    for row in imp["top_self_ms"][:8]:
         print(f"  {row['ms']:7.1f} ms  {row['module']}")
     for size in res["fleet_sizes"]:
         p = size["phases_envoys_list"]
@@ -356,7 +369,12 @@ def main() -> int:
     parser.add_argument("--ray-port", type=int, default=6412, help="Ray GCS port of the private dev server")
     parser.add_argument("--keep", action="store_true", help="keep the data dir and print where")
     parser.add_argument("--output", type=Path, default=RESULTS_PATH, help="where the JSON results go")
+    parser.add_argument("--join-helper", nargs=4, metavar=("GATEWAY", "TOKEN", "COUNT", "FIRST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.join_helper:
+        gateway, token, count, first = args.join_helper
+        print(asyncio.run(join_envoys(gateway, token, int(count), int(first))))
+        return 0
     try:
         args.envoys = [int(n) for n in args.envoys.split(",") if n.strip()]
     except ValueError:

@@ -38,15 +38,19 @@ from collections.abc import Callable
 
 #: First reconnect wait bound, seconds (attempt 0 waits uniform(0, 1 s)).
 RECONNECT_BASE_S = 1.0
-#: Largest reconnect wait bound, seconds. With full jitter a fleet's retries at the cap are spread
-#: evenly over this window (1,000 envoys: ~17 connection attempts/s), and an envoy notices a
-#: returned server within this long (half of it on average).
-RECONNECT_CAP_S = 60.0
+#: Largest reconnect wait bound, seconds. It is also the longest an envoy takes to notice that a
+#: server came back (10 s on average), so it bounds recovery after any outage: 20 s keeps "every
+#: queued report stored within 30 s of the server's return" reachable. With full jitter a fleet's
+#: retries at the cap are spread evenly over the window: 10,000 envoys try ~500 connections/s,
+#: a SYN each against a dead server, a TLS handshake and one check-in each against a live one.
+RECONNECT_CAP_S = 20.0
 #: Flush retry backoff after an `overloaded`/`unavailable` answer (on top of retry_after_s).
 FLUSH_RETRY_BASE_S = 0.5
 FLUSH_RETRY_CAP_S = 30.0
-#: Upper bound of the random delay before the first flush after a (re)connect, seconds.
-FLUSH_SPLAY_CAP_S = 10.0
+#: Upper bound of the random delay before the first flush after a (re)connect, seconds. It matters
+#: when reconnects are synchronised (a gateway restart drops every connection at once and they
+#: come back within RECONNECT_BASE_S): 1,000 envoys then start flushing over 5 s, not 1 s.
+FLUSH_SPLAY_CAP_S = 5.0
 #: Pause between two batches: the server's answer time for a full batch, times this.
 FLUSH_PACE_FACTOR = 1.0
 #: Bounds of the pause between two batches, seconds.

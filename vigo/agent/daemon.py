@@ -213,7 +213,10 @@ def _coerce(path: Path, key: str, value: Any) -> Any:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{path}: servers: expected a list of HOST:PORT, got {value!r}")
     for server in value:
-        parse_server(server)
+        try:
+            parse_server(server)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: servers: {exc}") from None
     return [v.strip() for v in value]
 
 
@@ -488,6 +491,8 @@ class Link:
         self._last_problem = None
         self.counters.connects += 1
         await self._set_state(LinkState(True, client.server, time.time()))
+        if self.persist:  # a current answer: the bundle in force is the fleet's again
+            await self.cache(lambda c: runner.note_enforcement(c, offline=False, at=time.time()))
         log.info("connected to %s", client.server)
         self._splay_next_flush = True
         self.request_flush()
@@ -551,8 +556,9 @@ class Link:
 
     def _failed(self, server: str, reason: str, exc: BaseException | None) -> None:
         level = logging.INFO if isinstance(exc, UnavailableError) else logging.WARNING
-        log.log(level, "gateway %s: %s", server, reason)
-        self.state.error = f"{server}: {reason}"
+        text = reason if reason.startswith(server) else f"{server}: {reason}"
+        log.log(level, "gateway %s", text)
+        self.state.error = text
 
     def _problem(self, text: str) -> None:
         """A reason this envoy cannot connect at all: logged once while it lasts."""
@@ -817,6 +823,11 @@ class Daemon:
             except TimeoutError:
                 log.warning("no checkin answer within %g s: this run converges from the cache", budget)
             except (ServerError, ProtocolError, OSError) as exc:
+                revoked = await self.cache(lambda c: c.meta("revoked"))
+                if revoked:  # the fleet said stop: the cached bundle is not enforced any more
+                    envoy_id = await self.cache(lambda c: c.envoy_id)
+                    log.error("no run: %s", _revoked_text(envoy_id, revoked))
+                    return None
                 log.warning("checkin failed (%s): this run converges from the cache", exc)
         report = await asyncio.to_thread(self._converge, trusted, host_traits, not online, reason)
         if report is None:

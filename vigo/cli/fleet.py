@@ -27,11 +27,12 @@ def envoys_list(address: Address = ADDR, as_json: JsonFlag = False) -> None:
     now = time.time()
     table = [
         (r["id"][:12], r["hostname"], r["status"], output.ago(r["last_seen"], now), r["serial"],
-         r["queue_depth"], output.ago(r["oldest_queued_at"], now) if r["oldest_queued_at"] else "-",
-         _counts(r["last_run"]))
+         r["queue_depth"], r.get("offline_runs") or 0,
+         output.ago(r["oldest_queued_at"], now) if r["oldest_queued_at"] else "-", _counts(r["last_run"]))
         for r in rows
     ]
-    typer.echo(output.table(table, ["ID", "HOSTNAME", "STATUS", "LAST SEEN", "SERIAL", "QUEUED", "OLDEST QUEUED", "LAST RUN"]))
+    typer.echo(output.table(table, ["ID", "HOSTNAME", "STATUS", "LAST SEEN", "SERIAL", "QUEUED", "OFFLINE RUNS",
+                                    "OLDEST QUEUED", "LAST RUN"]))
     summary: dict[str, int] = {}
     for r in rows:
         summary[r["status"]] = summary.get(r["status"], 0) + 1
@@ -43,7 +44,8 @@ def _counts(last_run: dict | None) -> str:
     if not last_run:
         return "-"
     c = last_run.get("counts") or {}
-    return f"{c.get('ok', 0)} ok {c.get('changed', 0)} chg {c.get('failed', 0)} fail"
+    text = f"{c.get('ok', 0)} ok {c.get('changed', 0)} chg {c.get('failed', 0)} fail"
+    return text + (" (offline)" if last_run.get("offline") else "")
 
 
 @envoys.command("show")

@@ -3,7 +3,8 @@
 Status is derived when asked, never stored, so it cannot go stale:
 
     offline               not heard from for `offline_after_intervals` of its interval
-    enforcing-from-cache  heard from, but its queued reports show runs made offline
+    enforcing-from-cache  heard from, but its queued reports show runs made offline, or its
+                          newest reported run was made offline
     failed                its last run had a failed resource
     pending               it has not yet run the current bundle (or never ran)
     converged             its last run applied the current bundle with nothing failed
@@ -59,9 +60,11 @@ def derive_status(envoy: dict[str, Any], *, now: float, current_serial: int | No
     last_seen = envoy.get("last_seen")
     if last_seen is None or now - last_seen > offline_after_intervals * interval:
         return OFFLINE
-    if (envoy.get("offline_runs") or 0) > 0:
-        return FROM_CACHE
     last_run = envoy.get("last_run") or {}
+    if (envoy.get("offline_runs") or 0) > 0 or last_run.get("offline"):
+        # Offline runs still queued on the envoy, or its newest reported run was made without
+        # a server (it stays so until an online run is reported).
+        return FROM_CACHE
     if not last_run:
         return PENDING
     if (last_run.get("counts") or {}).get("failed"):
