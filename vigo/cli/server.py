@@ -245,6 +245,7 @@ def status(address: Address = client.DEFAULT_ADDRESS, as_json: JsonFlag = False)
 @app.command("stop")
 def stop(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="dev data dir (default: ~/.local/state/vigo/dev)")] = None,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="GCS address (HOST:PORT) of a cluster's head, to stop vigo's actors there")] = None,
 ) -> None:
     """Stop vigo's actors; if this machine's Ray head was started by `server start --dev`, stop
     it too. Data stays in the data dir; `server start --dev` picks it up again."""
@@ -253,9 +254,14 @@ def stop(
     data_dir = (data_dir or config_mod.dev_data_dir()).resolve()
     marker = data_dir / DEV_MARKER
     dev = json.loads(marker.read_text()) if marker.exists() else None
+    if dev is None and ray_address is None:
+        # Never guess: with several Ray clusters on a machine, "auto" may pick someone else's.
+        raise ConfigError(
+            f"no dev server recorded in {data_dir} ({DEV_MARKER} is missing); to stop vigo's "
+            "actors on a cluster, pass --ray-address HOST:PORT of its head")
     killed: list[str] = []
     try:
-        _connect_ray(dev["gcs"] if dev else "auto")
+        _connect_ray(dev["gcs"] if dev else ray_address)
         from vigo.actors.deploy import teardown
 
         killed = teardown()
