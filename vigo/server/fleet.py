@@ -185,13 +185,18 @@ def note_latest_run(db: apsw.Connection, envoy_id: str, reports: list[Any]) -> N
 
 
 def apply_retention(db: apsw.Connection, envoy_id: str, *, keep: int, max_age_s: float, now: float) -> int:
-    """Delete this envoy's runs beyond the newest ``keep`` and older than ``max_age_s``."""
-    db.execute(
-        "DELETE FROM runs WHERE envoy_id = ? AND (received_at < ? OR run_id IN ("
-        " SELECT run_id FROM runs WHERE envoy_id = ? ORDER BY started_at DESC LIMIT -1 OFFSET ?))",
-        (envoy_id, now - max_age_s, envoy_id, keep),
-    )
-    return db.changes()
+    """Delete this envoy's runs beyond the newest ``keep`` and those started more than
+    ``max_age_s`` ago. Both are index range deletes on (envoy_id, started_at): this runs with
+    every results batch, so its cost must not grow with the runs already stored."""
+    deleted = 0
+    row = db.execute(
+        "SELECT started_at FROM runs WHERE envoy_id = ? ORDER BY started_at DESC LIMIT 1 OFFSET ?",
+        (envoy_id, keep)).fetchone()
+    if row is not None and row[0] is not None:
+        db.execute("DELETE FROM runs WHERE envoy_id = ? AND started_at <= ?", (envoy_id, row[0]))
+        deleted += db.changes()
+    db.execute("DELETE FROM runs WHERE envoy_id = ? AND started_at < ?", (envoy_id, now - max_age_s))
+    return deleted + db.changes()
 
 
 def envoy_rows(store: Store, envoy_id: str | None = None) -> list[dict[str, Any]]:

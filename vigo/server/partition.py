@@ -344,18 +344,20 @@ class Partition:
                              got=f"{len(built.encode())} bytes")
         summary = {**built.summary(), "secrets": sorted(built.secrets), "files": sorted(files)}
         current = self.store.one("SELECT version, term FROM bundles ORDER BY serial DESC LIMIT 1")
-        if current is not None and tuple(current) == (built.version, self.term):
-            # Same content, same term: envoys already have it; a new serial would only churn.
-            return {**summary, "serial": serial - 1, "unchanged": True}
+        # Same content, same term: envoys already have it; a new serial would only churn. The
+        # pushed source is still kept (it may differ in files no policy references).
+        unchanged = current is not None and tuple(current) == (built.version, self.term)
         sealed = self.secrets.seal("bundle_secrets", built.raw_secrets) if built.raw_secrets else None
         with self.store.write() as db:
+            self.store.delete_tree(db, "stack")
+            for rel, data in sorted(files.items()):
+                self.store.put_file(db, "stack", rel, data, mode=0o644)
+            if unchanged:
+                return {**summary, "serial": serial - 1, "unchanged": True}
             db.execute("INSERT INTO bundles(serial, version, term, pushed_at, summary, bundle, secrets_sealed) "
                        "VALUES (?,?,?,?,?,?,?)",
                        (serial, built.version, self.term, time.time(), json.dumps(summary),
                         bundle_mod.encode(built.raw_body, built.raw_signature, built.key_id, None), sealed))
-            self.store.delete_tree(db, "stack")
-            for rel, data in sorted(files.items()):
-                self.store.put_file(db, "stack", rel, data, mode=0o644)
         log.info("stack pushed: bundle %s serial %d term %d", built.version, serial, self.term)
         return summary
 
