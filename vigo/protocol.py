@@ -93,6 +93,7 @@ ERROR_CODES: dict[str, str] = {
     "forbidden": "the message is not allowed on this connection (wrong side, wrong identity)",
     "bad_token": "the join or admin token is unknown, expired or used up",
     "revoked": "this envoy or its certificate was revoked",
+    "expired": "the envoy certificate has expired: the envoy must join again with a new token",
     "overloaded": "the gateway sheds load: retry after retry_after_s, maybe elsewhere",
     "not_found": "the thing the request names does not exist",
     "conflict": "the request conflicts with current state (stale term, duplicate name)",
@@ -105,7 +106,7 @@ ERROR_CODES: dict[str, str] = {
 #: Every other code answers one message and the connection stays open.
 CLOSING_CODES = frozenset(
     {"frame_too_large", "truncated", "timeout", "bad_msgpack", "bad_envelope",
-     "unknown_version", "unknown_type", "revoked"}
+     "unknown_version", "unknown_type", "revoked", "expired"}
 )
 
 # --- Schemas ----------------------------------------------------------------------------------
@@ -278,6 +279,14 @@ _SCHEMAS = (
         _f("acked", list, "run ids the envoy may delete from its queue", items=str),
         _f("term", int, "current term"),
     )),
+    Schema("renew", "envoy", "a new certificate for a new key, before the current one expires", (
+        _f("envoy_id", str, "must match the client certificate"),
+        _f("csr_pem", bytes, "PEM certificate signing request for the envoy's new key"),
+    )),
+    Schema("renew_ok", "server", "the new certificate; the one presented stays valid until it expires", (
+        _f("certificate_pem", bytes, "the envoy's new certificate, signed by the fleet CA"),
+        _f("not_after", float, "epoch seconds when the new certificate expires"),
+    )),
     Schema("notify", "server", "unsolicited hint (id 0): check in now", (
         _f("reason", str, "why, for logs (bundle_changed, ...)"),
     )),
@@ -307,6 +316,7 @@ REPLIES: dict[str, str] = {
     "join": "join_ok",
     "checkin": "checkin_ok",
     "results": "results_ok",
+    "renew": "renew_ok",
     "admin": "admin_ok",
     "ping": "pong",
 }
@@ -316,7 +326,7 @@ REPLIES: dict[str, str] = {
 #: "envoy": mutual TLS with an envoy certificate. Enforced by the gateway with ``check_allowed``.
 CLIENT_MESSAGES: dict[str, frozenset[str]] = {
     "anonymous": frozenset({"join", "ping", "admin"}),
-    "envoy": frozenset({"checkin", "results", "ping"}),
+    "envoy": frozenset({"checkin", "results", "renew", "ping"}),
 }
 
 

@@ -287,6 +287,26 @@ def cert_serial(cert: bytes) -> int:
     return _load_cert(cert).serial_number
 
 
+def cert_validity(cert: bytes) -> tuple[float, float]:
+    """``(not_before, not_after)`` of a PEM or DER certificate, unix seconds."""
+    parsed = _load_cert(cert)
+    return parsed.not_valid_before_utc.timestamp(), parsed.not_valid_after_utc.timestamp()
+
+
+def cert_key_sha256(cert: bytes) -> str:
+    """SHA-256 hex of a PEM or DER certificate's public key (DER SubjectPublicKeyInfo)."""
+    return hashlib.sha256(_spki(_load_cert(cert).public_key())).hexdigest()
+
+
+def csr_key_sha256(csr_pem: bytes) -> str:
+    """SHA-256 hex of a PEM CSR's public key, comparable with ``cert_key_sha256``."""
+    try:
+        key = _load_csr(csr_pem).public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise AdmissionError(f"cannot read the certificate request's public key: {exc}") from exc
+    return hashlib.sha256(_spki(key)).hexdigest()
+
+
 # --- join tokens --------------------------------------------------------------------------
 
 

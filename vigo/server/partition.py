@@ -47,6 +47,7 @@ from vigo.server.admissions import (
     FleetCA,
     RevocationSet,
     TokenRecord,
+    csr_key_sha256,
     hash_token,
     issue_token,
     spend_token,
@@ -236,6 +237,8 @@ class Partition:
             fleet.note_latest_run(db, envoy_id, body.get("reports") or [])
             touched.add(envoy_id)
             return {"acked": list(dict.fromkeys(acked)), "term": self.term}
+        if kind == "renew":
+            return self._renew(db, envoy_id, body, now, item)
         raise ProtocolError("unknown_type", f"the primary does not handle {kind!r}")
 
     def _check_envoy(self, envoy_id: str, body: dict[str, Any]) -> None:
@@ -280,6 +283,37 @@ class Partition:
             "signing_key_pem": self._tree("secrets", "bundle-signing.pub"),
             "term": self.term,
         }
+
+    def _renew(self, db: apsw.Connection, envoy_id: str, body: dict[str, Any], now: float,
+               item: dict[str, Any]) -> dict[str, Any]:
+        """A new certificate for the envoy's new key (the envoy was checked like a check-in).
+
+        The certificate the envoy presented is not revoked: it expires on its own. So a renewal
+        whose answer was lost leaves the envoy with a valid pair, and it renews again later.
+        Rows of this envoy's certificates that have expired are dropped here (nothing checks an
+        expired certificate against the table: TLS and the gateway refuse it first), so the
+        table holds the certificates that are still valid, whatever the envoy's age.
+        """
+        csr_pem = body["csr_pem"]
+        try:
+            new_key = csr_key_sha256(csr_pem)
+        except AdmissionError as exc:
+            raise ProtocolError("bad_body", f"renew: {exc}") from exc
+        presented = item.get("cert_key_sha256")
+        if presented is not None and new_key == presented:
+            raise ProtocolError("conflict", "renew needs a new key: the request's public key is the key of the "
+                                            "certificate this connection presented")
+        try:
+            issued = self.ca.sign_envoy_csr(csr_pem, envoy_id, now=now,
+                                            lifetime_s=int(self.cfg.admissions.envoy_cert_lifetime_s))
+        except AdmissionError as exc:
+            raise ProtocolError("bad_body", f"renew: {exc}") from exc
+        db.execute("DELETE FROM certs WHERE envoy_id = ? AND revoked_at IS NULL AND not_after < ?", (envoy_id, now))
+        db.execute("INSERT INTO certs(serial, envoy_id, issued_at, not_after) VALUES (?,?,?,?)",
+                   (format(issued.serial, "x"), envoy_id, now, issued.not_after))
+        log.info("envoy %s renewed its certificate: serial %x valid until %s (was serial %s)", envoy_id,
+                 issued.serial, _iso(issued.not_after), item.get("cert_serial") or "?")
+        return {"certificate_pem": issued.cert_pem, "not_after": issued.not_after}
 
     # --- admin --------------------------------------------------------------------------
 
