@@ -9,6 +9,7 @@ discipline the database needs (no locks, no second connection). A restarted prim
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from vigo import config as config_mod
@@ -17,13 +18,16 @@ from vigo.server.partition import Partition, error_of
 
 log = logging.getLogger("vigo.actors.primary")
 
+#: How often envoy status counts are recomputed for the metrics, seconds.
+STATUS_EXPORT_S = 30.0
+
 
 class Primary:
     def __init__(self, data_dir: str, cfg: dict[str, Any] | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         parsed = config_mod.from_dict(cfg) if cfg is not None else None
         self.partition = Partition(data_dir, parsed)
-        from ray.util.metrics import Counter, Histogram
+        from ray.util.metrics import Counter, Gauge, Histogram
 
         tag = {"partition": self.partition.cfg.partition}
         self._tags = tag
@@ -31,6 +35,10 @@ class Primary:
                                  tag_keys=("partition", "type"))
         self._batch = Histogram("vigo_primary_batch_size", "envoy requests per batch call",
                                 boundaries=[1, 4, 16, 64, 256, 1024], tag_keys=("partition",))
+        self._envoys = Gauge("vigo_envoys", "envoys by derived status", tag_keys=("partition", "status"))
+        self._queued = Gauge("vigo_envoy_queued_reports", "reports envoys said they hold, summed",
+                             tag_keys=("partition",))
+        self._next_status_export = 0.0
 
     def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         answers = self.partition.handle_batch(items)
@@ -40,7 +48,20 @@ class Primary:
             counts[item["type"]] = counts.get(item["type"], 0) + 1
         for kind, n in counts.items():
             self._requests.inc(n, tags={**self._tags, "type": kind})
+        self._export_status()
         return answers
+
+    def _export_status(self) -> None:
+        """Envoy status counts for the dashboard, at most every STATUS_EXPORT_S (it reads
+        every envoy row, so not on each batch)."""
+        now = time.monotonic()
+        if now < self._next_status_export:
+            return
+        self._next_status_export = now + STATUS_EXPORT_S
+        status = self.partition.admin("status", {})
+        for name, n in status["status_counts"].items():
+            self._envoys.set(n, tags={**self._tags, "status": name})
+        self._queued.set(status["queued_reports"], tags=self._tags)
 
     def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Admin answers travel as {"ok": result} or {"error": {...}}: a user mistake is data,

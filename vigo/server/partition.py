@@ -345,6 +345,7 @@ class Partition:
             "status_counts": counts,
             "bundle": {"version": bundle[0], "serial": bundle[1], "pushed_at": bundle[2]} if bundle else None,
             "runs_stored": self.store.one("SELECT COUNT(*) FROM runs")[0],
+            "queued_reports": sum(e.get("queue_depth") or 0 for e in envoys),
             "wal_pages": self.store.wal_pages(),
             "ca_fingerprint": self.ca.fingerprint(),
             "signing_key_id": key_id(self.signing_key.public_key()),
