@@ -75,6 +75,9 @@ REQUEST_TIMEOUT_S = 60.0
 MAX_ID = 2**63 - 1
 
 _HEADER = struct.Struct(">I")
+#: After a write fails, how long a request waits for an error frame that arrived before the
+#: peer closed (it explains the failure better than the broken pipe does), seconds.
+_ANSWER_AFTER_FAILED_SEND_S = 0.5
 _READ_CHUNK_BYTES = 256 * 1024  # bytes asked of the reader per call: memory follows arrivals
 
 # --- Error codes ------------------------------------------------------------------------------
@@ -591,7 +594,13 @@ class FrameConnection:
         try:
             if self._ended:
                 raise self._closed_error(f"the reply to {type} #{id_}")
-            await self.send(type, body, id=id_)
+            try:
+                await self.send(type, body, id=id_)
+            except OSError:
+                # The gateway may have said why and closed before this write (a connection-level
+                # error answers every waiting request, this one too): that says more.
+                if not await self._answered_soon(future):
+                    raise
             try:
                 async with asyncio.timeout(self._request_timeout_s):
                     frame = await future
@@ -646,6 +655,14 @@ class FrameConnection:
         await self.wait_closed()
 
     # -- internals
+
+    async def _answered_soon(self, future: asyncio.Future[Frame]) -> bool:
+        """Whether the reader resolves ``future`` with a frame soon (after our write failed)."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_ANSWER_AFTER_FAILED_SEND_S):
+                await asyncio.shield(future)
+                return True
+        return False
 
     def _allocate_id(self) -> int:
         id_ = self._next_id

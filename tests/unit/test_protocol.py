@@ -56,6 +56,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "results": {"envoy_id": "e-1", "reports": [{"run_id": "r-1", "resources": []},
                                                {"run_id": "r-2"}]},
     "results_ok": {"acked": ["r-1", "r-2"], "term": 3},
+    "renew": {"envoy_id": "e-1", "csr_pem": b"-----BEGIN CERTIFICATE REQUEST-----"},
+    "renew_ok": {"certificate_pem": b"cert", "not_after": 1700086400.0},
     "notify": {"reason": "bundle_changed"},
     "admin": {"token": "ray-token", "op": "envoys.list", "args": {"limit": 10}},
     "admin_ok": {"result": [{"envoy_id": "e-1"}]},
@@ -373,7 +375,7 @@ def test_error_codes_are_the_documented_set():
     assert list(ERROR_CODES) == [
         "frame_too_large", "truncated", "timeout", "bad_msgpack", "bad_envelope",
         "unknown_version", "unknown_type", "bad_body", "unauthenticated", "forbidden",
-        "bad_token", "revoked", "overloaded", "not_found", "conflict", "internal", "unavailable",
+        "bad_token", "revoked", "expired", "overloaded", "not_found", "conflict", "internal", "unavailable",
     ]
     assert all(meaning and "\n" not in meaning for meaning in ERROR_CODES.values())
     assert set(ERROR_CODES) >= CLOSING_CODES
@@ -398,6 +400,10 @@ def test_check_allowed():
         check_allowed(type_, envoy_certificate=True)
     with pytest.raises(ProtocolError, match="unauthenticated: checkin needs mutual TLS"):
         check_allowed("checkin", envoy_certificate=False)
+    with pytest.raises(ProtocolError, match="unauthenticated: renew needs mutual TLS"):
+        check_allowed("renew", envoy_certificate=False)
+    with pytest.raises(ProtocolError, match="forbidden: renew_ok"):
+        check_allowed("renew_ok", envoy_certificate=True)
     with pytest.raises(ProtocolError, match="forbidden: join is not accepted on an envoy"):
         check_allowed("join", envoy_certificate=True)
     with pytest.raises(ProtocolError, match="forbidden: checkin_ok"):
@@ -626,6 +632,42 @@ def test_connection_level_error_answers_the_waiting_request():
             with pytest.raises(ServerError) as info:
                 await connection.request("checkin", SAMPLES["checkin"])
             assert info.value.code == "unauthenticated"
+
+    asyncio.run(main())
+
+
+def test_an_error_sent_just_before_the_gateway_closed_explains_a_failed_write():
+    """The gateway refuses the connection (an `expired` or `revoked` frame, id 0) and closes
+    before the client's first request is written: the write fails, the request reports the
+    gateway's reason, not the broken pipe."""
+
+    class ClosedWriter:
+        def write(self, data: bytes) -> None:
+            pass
+
+        async def drain(self) -> None:
+            await asyncio.sleep(0.01)  # the reader gets the frame meanwhile
+            raise ConnectionResetError("Connection lost")
+
+        def close(self) -> None:
+            pass
+
+        async def wait_closed(self) -> None:
+            pass
+
+    async def main() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(encode("error", 0, error_body("expired", "certificate 1a expired")))
+        reader.feed_eof()
+        connection = FrameConnection(reader, ClosedWriter())  # type: ignore[arg-type]
+        with pytest.raises(ServerError) as info:
+            await connection.request("checkin", SAMPLES["checkin"])
+        assert (info.value.code, info.value.reason) == ("expired", "certificate 1a expired")
+        # Without an answer, the write error stands.
+        silent = asyncio.StreamReader()
+        silent.feed_eof()
+        with pytest.raises(ConnectionResetError):
+            await FrameConnection(silent, ClosedWriter()).request("ping", {})  # type: ignore[arg-type]
 
     asyncio.run(main())
 

@@ -327,6 +327,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                       + (" (noop)" if last["noop"] else "")) if last else "never"),
         ("quarantined entries", str(len(info["quarantined"]))),
         ("servers", ", ".join(info.get("servers") or []) or "not joined"),
+        ("certificate", _certificate_text(info)),
         ("last checkin", _ago(info.get("last_checkin_at"))),
         ("daemon", _daemon_text(info)),
         ("connected", _link_text(info)),
@@ -341,6 +342,38 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for q in info["quarantined"]:
         print(f"  quarantined {q['db']}/{q['key']}: {q['reason']}")
     return EXIT_OK
+
+
+def _certificate_text(info: dict[str, Any]) -> str:
+    cert = info.get("certificate")
+    if not cert:
+        return "none (not joined)"
+    servers = " ".join(f"--server {s}" for s in info.get("servers") or []) or "--server HOST:PORT"
+    rejoin = f"re-join with `vigo-envoy join {servers} --token TOKEN` (a new token)"
+    if cert["expired"]:
+        return f"expired at {_stamp(cert['not_after'])}: {rejoin}"
+    text = f"valid until {_until(cert['not_after'])}, serial {cert['serial']}"
+    refused = cert.get("refused")
+    if refused:
+        return (f"{text}, but refused as expired by {refused.get('server')} {_ago(refused.get('at'))} "
+                f"(check this host's and the gateway's clocks, or {rejoin})")
+    renew = cert["renew_after"]
+    return text + (", renewal due" if renew <= time.time() else f", renewal from {_stamp(renew)}")
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _until(ts: float) -> str:
+    delta = ts - time.time()
+    if delta < 0:
+        return _stamp(ts)
+    if delta < 7200:
+        return f"{_stamp(ts)} (in {delta / 60:.0f} min)"
+    if delta < 2 * 86400:
+        return f"{_stamp(ts)} (in {delta / 3600:.1f} h)"
+    return f"{_stamp(ts)} (in {delta / 86400:.1f} days)"
 
 
 def _daemon_text(info: dict[str, Any]) -> str:

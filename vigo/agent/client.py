@@ -10,8 +10,14 @@
                       Only then are key, certificate, CA, servers and bundle key stored.
     run_once          one online run: checkin (first gateway that answers, mutual TLS) →
                       accept a newer bundle → converge (fresh or cached bundle) → queue →
-                      flush in bounded batches. No gateway reachable: converge from the cache
-                      with ``offline=True``, keep the reports queued, say so in one line.
+                      flush in bounded batches → renew the certificate if due. No gateway
+                      reachable: converge from the cache with ``offline=True``, keep the
+                      reports queued, say so in one line.
+    try_renew         certificate renewal over the authenticated connection, once less than a
+                      third of the certificate's lifetime is left (``vigo.agent.identity``):
+                      a fresh key, ``renew``, the answer checked, the pair installed crash-safe.
+                      Never fails the caller's run: a failed renewal is logged and tried again
+                      on the next run (the current certificate is still valid).
 
 Decisions:
 
@@ -24,6 +30,10 @@ Decisions:
   token. The cached bundle is *not* enforced any more: an operator revokes a host to stop
   managing it (decommissioned, repurposed, compromised), and a host that keeps converging
   would fight whoever took it over. Queued reports stay queued.
+* A certificate that expired (by this host's clock before connecting, or answered ``expired``
+  by a gateway) is a lapse, not an outage: the run converges from the cache as offline runs
+  do, the reports stay queued, and one line says to re-join with a new token. Nothing is tried
+  on the network with it.
 * Reports queued under another envoy id (runs from before joining, or before a re-join) are
   sent under the current id with ``queued_as`` naming the old one: the server's id is the one
   it knows this host by, and it refuses reports that name another envoy.
@@ -38,7 +48,6 @@ import collections
 import contextlib
 import ipaddress
 import logging
-import os
 import random
 import re
 import socket
@@ -53,7 +62,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 
-from vigo.agent import runner, traits
+from vigo.agent import identity, runner, traits
 from vigo.agent.backoff import FLUSH_RETRY_BASE_S, FLUSH_RETRY_CAP_S, Backoff, flush_pause
 from vigo.agent.cache import Cache
 from vigo.agent.enrolment import make_envoy_key_and_csr, tls_client_context
@@ -72,10 +81,10 @@ from vigo.protocol import FrameConnection, encode
 
 log = logging.getLogger("vigo.agent.client")
 
-#: Files in the state directory written by ``join``.
-KEY_FILE = "envoy.key"
-CERT_FILE = "envoy.pem"
-CA_FILE = "ca.pem"
+#: Files in the state directory written by ``join`` (and by renewals: ``vigo.agent.identity``).
+KEY_FILE = identity.KEY_FILE
+CERT_FILE = identity.CERT_FILE
+CA_FILE = identity.CA_FILE
 #: Seconds allowed for TCP connect plus the TLS handshake, per gateway.
 CONNECT_TIMEOUT_S = 5.0
 #: Seconds to wait for the answer to one request (a healthy gateway answers in milliseconds;
@@ -86,6 +95,9 @@ FLUSH_MAX_REPORTS = 50
 FLUSH_MAX_BYTES = 1024 * 1024
 #: Seconds to look for the error frame a gateway sent just before it closed on us.
 _CLOSING_ERROR_WAIT_S = 0.5
+#: The TLS alert a TLS stack sends when it refuses a client certificate as expired (vigo's
+#: gateway answers an ``expired`` frame instead; this covers anything else in between).
+_ALERT_CERT_EXPIRED = "SSLV3_ALERT_CERTIFICATE_EXPIRED"
 #: Codes that say one report (not the connection or the server) is unacceptable.
 _REPORT_REFUSALS = frozenset({"bad_body", "forbidden", "frame_too_large"})
 
@@ -181,6 +193,16 @@ def _names_host(cert_der: bytes, host: str) -> bool:
     return ip in sans.get_values_for_type(x509.IPAddress)
 
 
+def _expired_alert(exc: BaseException | None) -> bool:
+    """Whether a connection failure was a TLS "certificate expired" alert from the peer."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ssl.SSLError) and exc.reason == _ALERT_CERT_EXPIRED:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _anonymous_context() -> ssl.SSLContext:
     """For ``join`` only: encrypted, not yet authenticated (checked after join_ok instead)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -226,6 +248,9 @@ class EnvoyClient:
                 "unavailable", f"{server}: the gateway's certificate is not trusted ({exc.verify_message}); "
                 "is this a gateway of the fleet this envoy joined?") from exc
         except ssl.SSLError as exc:
+            if exc.reason == _ALERT_CERT_EXPIRED:
+                raise ServerError("expired", f"{server} refused this envoy's certificate as expired "
+                                             "(TLS alert)") from exc
             raise UnavailableError("unavailable", f"{server}: TLS handshake failed ({exc.reason or exc})") from exc
         except OSError as exc:
             raise UnavailableError("unavailable", f"{server}: {exc.strerror or exc}") from exc
@@ -279,6 +304,9 @@ class EnvoyClient:
             closing = await self._closing_error()
             if closing is not None:
                 raise closing from exc
+            if _expired_alert(exc):
+                raise ServerError("expired", f"{self.server} refused this envoy's certificate as expired "
+                                             "(TLS alert)") from exc
             raise UnavailableError(exc.code, f"{self.server}: {exc.reason}",
                                    retry_after_s=exc.retry_after_s) from exc
         except ServerError:
@@ -314,6 +342,9 @@ class EnvoyClient:
 
     async def checkin(self, body: dict[str, Any]) -> dict[str, Any]:
         return await self.request("checkin", body)
+
+    async def renew(self, envoy_id: str, csr_pem: bytes) -> dict[str, Any]:
+        return await self.request("renew", {"envoy_id": envoy_id, "csr_pem": csr_pem})
 
     async def send_results(self, envoy_id: str, reports: list[dict[str, Any]]) -> list[str]:
         """The run ids the gateway acknowledged (durably stored)."""
@@ -354,7 +385,7 @@ async def join_fleet(
         if peer and not _names_host(peer, host):
             log.warning("the gateway certificate of %s does not name %r: later runs will not verify it; "
                         "join with the name or address the certificate was issued for", server, host)
-        _store_identity(state_dir, key_pem, answer["certificate_pem"], answer["ca_pem"])
+        identity.install(state_dir, key_pem, answer["certificate_pem"], ca_pem=answer["ca_pem"])
         with runner.open_cache(state_dir) as cache:
             old_id, old_key = cache.envoy_id, cache.meta("trusted_key")
             new_key = bytes(answer["signing_key_pem"])
@@ -387,59 +418,21 @@ async def join_fleet(
     }
 
 
-def _store_identity(state_dir: Path, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write_atomic(state_dir / KEY_FILE, key_pem, 0o600)
-    _write_atomic(state_dir / CERT_FILE, bytes(cert_pem), 0o644)
-    _write_atomic(state_dir / CA_FILE, bytes(ca_pem), 0o644)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Written to a temp file created with ``mode`` from its first byte, fsynced, renamed over."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # --- run ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Credentials:
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
+def _lapsed_text(state_dir: Path, servers: list[str], not_after: float, refused: str | None = None) -> str:
+    """The one line an envoy whose certificate lapsed prints (and logs) on every run."""
+    how = (f"{refused}" if refused else
+           f"certificate expired at {_iso(not_after)} while this envoy was offline")
+    server_flags = " ".join(f"--server {s}" for s in servers) or "--server HOST:PORT"
+    return (f"{how}; re-join with `vigo-envoy join {server_flags} --token TOKEN --state-dir {state_dir}` "
+            "(a new token); enforcing the cached bundle meanwhile, reports stay queued")
 
 
-def _load_credentials(state_dir: Path) -> _Credentials:
-    paths = [state_dir / name for name in (CA_FILE, CERT_FILE, KEY_FILE)]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise AdmissionError(
-            f"not joined: {state_dir} has no {', '.join(missing)}; run `vigo-envoy join --server HOST:PORT "
-            f"--token TOKEN --state-dir {state_dir}` first"
-        )
-    try:
-        return _Credentials(*(p.read_bytes() for p in paths))
-    except OSError as exc:
-        raise AdmissionError(f"cannot read this envoy's credentials in {state_dir}: {exc.strerror or exc}") from exc
-
-
-def _cert_expired(cert_pem: bytes) -> float | None:
-    """When the envoy certificate expired, if it has."""
-    try:
-        not_after = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc.timestamp()
-    except ValueError:
-        return None  # the TLS layer will say what is wrong with it
-    return not_after if not_after < time.time() else None
+def _refused_text(server: str, reason: str, not_after: float) -> str:
+    return (f"certificate refused as expired by {server} ({reason}), though by this host's clock it is valid "
+            f"until {_iso(not_after)}: check both clocks")
 
 
 async def run_once(opts: runner.RunOptions) -> dict[str, Any]:
@@ -448,8 +441,8 @@ async def run_once(opts: runner.RunOptions) -> dict[str, Any]:
     Raises VigoError when no run can happen: not joined, revoked, no bundle at all.
     """
     state_dir = opts.state_dir
-    creds = _load_credentials(state_dir)
     with runner.run_lock(state_dir), runner.open_cache(state_dir, queue_max_bytes=opts.queue_max_bytes) as cache:
+        ident = identity.load(state_dir)
         servers = list(cache.meta("servers", []) or [])
         if not servers:
             raise AdmissionError(
@@ -461,7 +454,7 @@ async def run_once(opts: runner.RunOptions) -> dict[str, Any]:
         trusted = runner._trusted_key(cache, None)
         host_traits = traits.collect(opts.traits_dir)
 
-        client, failures = await _checkin(cache, servers, creds, host_traits, trusted)
+        client, failures, lapsed = await _checkin(cache, servers, ident, host_traits, trusted, state_dir=state_dir)
         try:
             current = cache.bundle_in_force(trusted)
             report = None
@@ -478,33 +471,34 @@ async def run_once(opts: runner.RunOptions) -> dict[str, Any]:
                 except ServerError as exc:  # the run happened; what was not acknowledged stays queued
                     log.warning("flush to %s stopped (%s): %s; the rest stays queued", client.server, exc.code,
                                 exc.reason)
+                # Last, on the same connection: converging never waits for it.
+                await try_renew(client, state_dir, cache.envoy_id)
             queued = cache.queue_stats().runs
         finally:
             if client is not None:
                 await client.close()
-        if client is None:
+        if client is None and not lapsed:  # a lapse was said in its own line already
             log.warning("offline: no gateway answered (%s); %s, %d report(s) queued", "; ".join(failures),
                         "converged from the cached bundle" if report is not None else "no cached bundle either",
                         queued)
         if report is None:
-            raise BundleError(
-                "no bundle to enforce: " + ("the server has no stack pushed yet" if client is not None
-                                            else "no gateway reachable") + f" and the cache in {state_dir} holds none"
-            )
+            why = ("the server has no stack pushed yet" if client is not None
+                   else "this envoy's certificate lapsed" if lapsed else "no gateway reachable")
+            raise BundleError(f"no bundle to enforce: {why} and the cache in {state_dir} holds none")
         return {"report": report, "server": client.server if client else None, "flushed": flushed, "queued": queued}
 
 
-async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_traits: dict[str, Any],
-                   trusted: Any) -> tuple[EnvoyClient | None, list[str]]:
+async def _checkin(cache: Cache, servers: list[str], ident: identity.Identity, host_traits: dict[str, Any],
+                   trusted: Any, *, state_dir: Path) -> tuple[EnvoyClient | None, list[str], bool]:
     """Check in with the first gateway that gives a current answer; accept its bundle. Returns
-    the open client (for the flush), or None (this run is offline) and why each gateway failed."""
-    expired = _cert_expired(creds.cert_pem)
-    if expired is not None:
-        log.error("this envoy's certificate expired at %s; run `vigo-envoy join` with a new token to "
-                  "rejoin the fleet (converging from the cache meanwhile)", _iso(expired))
-        return None, [f"certificate expired at {_iso(expired)}"]
+    the open client (for the flush), or None (this run is offline), why each gateway failed,
+    and whether the certificate lapsed (said in one line here: re-join)."""
+    if ident.expired():
+        log.error("%s", _lapsed_text(state_dir, servers, ident.not_after))
+        return None, [f"certificate expired at {_iso(ident.not_after)}"], True
     failures: list[str] = []
-    ctx = tls_client_context(creds.ca_pem, creds.cert_pem, creds.key_pem)
+    refused: str | None = None
+    ctx = tls_client_context(ident.ca_pem, ident.cert_pem, ident.key_pem)
     body = checkin_body(cache, host_traits)
     for server in servers:
         try:
@@ -513,18 +507,26 @@ async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_t
             log.info("gateway %s unreachable: %s", server, exc.reason)
             failures.append(exc.reason)
             continue
+        except ServerError as exc:  # a TLS "certificate expired" alert
+            refused = note_refused_cert(cache, server, exc.reason, ident)
+            failures.append(f"{server}: {exc.reason}")
+            continue
         try:
             answer = await client.checkin(body)
         except ProtocolError as exc:  # our own body does not encode: no gateway will take it
             await client.close()
             log.error("cannot send the checkin: %s", exc)
-            return None, [f"checkin not sendable: {exc}"]
+            return None, [f"checkin not sendable: {exc}"], False
         except ServerError as exc:
             await client.close()
             if exc.code == "revoked":
                 record = {"at": time.time(), "server": server, "reason": exc.reason}
                 cache.set_meta("revoked", record)
                 raise RevokedError(_revoked_text(cache.envoy_id, record)) from exc
+            if exc.code == "expired":  # by the gateway's clock; another gateway may still differ
+                refused = note_refused_cert(cache, server, exc.reason, ident)
+                failures.append(f"{server}: {exc.reason}")
+                continue
             level = logging.INFO if isinstance(exc, UnavailableError) else logging.ERROR
             log.log(level, "gateway %s refused the checkin (%s): %s", server, exc.code, exc.reason)
             failures.append(f"{server} refused the checkin ({exc.code}): {exc.reason}")
@@ -534,8 +536,58 @@ async def _checkin(cache: Cache, servers: list[str], creds: _Credentials, host_t
             failures.append(stale)
             await client.close()
             continue
-        return client, failures
-    return None, failures
+        return client, failures, False
+    if refused is not None:
+        log.error("%s", _lapsed_text(state_dir, servers, ident.not_after, refused))
+        return None, failures, True
+    return None, failures, False
+
+
+def note_refused_cert(cache: Cache, server: str, reason: str, ident: identity.Identity) -> str:
+    """Remember that a gateway refused this certificate as expired (meta ``cert_refused``, for
+    `vigo-envoy status`); returns the line that says so."""
+    cache.set_meta("cert_refused", {"at": time.time(), "server": server, "reason": reason,
+                                    "serial": format(ident.serial, "x")})
+    return _refused_text(server, reason, ident.not_after)
+
+
+async def try_renew(client: EnvoyClient, state_dir: Path, envoy_id: str, *, now: float | None = None) -> float | None:
+    """Renew this envoy's certificate over ``client`` if it is due (``identity.renewal_due``):
+    a fresh key and CSR, ``renew``, the answer checked (fleet CA, this envoy id, this key), the
+    new pair installed crash-safe. Returns the new expiry, or None (not due, or failed: logged;
+    the current certificate is still valid and the next run tries again). Never raises but for
+    cancellation. Blocking work (key generation, fsync) runs in a thread."""
+    try:
+        current = await asyncio.to_thread(identity.load, state_dir)
+    except AdmissionError as exc:
+        log.warning("no certificate renewal: %s", exc)
+        return None
+    if not current.renewal_due(now):
+        return None
+    try:
+        key_pem, csr_pem = await asyncio.to_thread(make_envoy_key_and_csr, envoy_id)
+        answer = await client.renew(envoy_id, csr_pem)
+        new = await asyncio.to_thread(_install_renewed, state_dir, key_pem, answer["certificate_pem"],
+                                      current.ca_pem, envoy_id)
+    except (ServerError, ProtocolError, AdmissionError, OSError, ValueError) as exc:
+        log.warning("certificate renewal via %s failed (%s): %s; the current certificate stays in use (valid until "
+                    "%s) and a later run tries again", client.server, getattr(exc, "code", type(exc).__name__),
+                    getattr(exc, "reason", exc), _iso(current.not_after))
+        return None
+    except Exception:  # a bug: logged with its traceback, and still never the run's end
+        log.exception("certificate renewal via %s failed unexpectedly; the current certificate stays in use",
+                      client.server)
+        return None
+    log.info("certificate renewed via %s: serial %x valid until %s (the previous one, serial %x, stays valid "
+             "until %s)", client.server, new.serial, _iso(new.not_after), current.serial, _iso(current.not_after))
+    return new.not_after
+
+
+def _install_renewed(state_dir: Path, key_pem: bytes, cert_pem: bytes, ca_pem: bytes,
+                     envoy_id: str) -> identity.Identity:
+    """Check what the server sent (it replaces a working pair only if it is right), install it."""
+    identity.check_issued(identity.pair(key_pem, bytes(cert_pem), ca_pem), ca_pem, envoy_id)
+    return identity.install(state_dir, key_pem, bytes(cert_pem))
 
 
 def checkin_body(cache: Cache, host_traits: dict[str, Any]) -> dict[str, Any]:

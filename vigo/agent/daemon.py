@@ -10,7 +10,12 @@
                 jitter (vigo.agent.backoff), keeps one persistent mutual-TLS connection, checks
                 in on connect (a bundle pushed while the envoy was away arrives here; an older
                 serial or term is refused by the cache), receives ``notify``, pings every
-                ``keepalive_s``.
+                ``keepalive_s``. After the check-in on connect and after every run's check-in
+                it renews the certificate when due (``client.try_renew``, in the background:
+                neither the run nor the flush waits for it); the live connection carries on
+                with the old certificate (valid until it expires), the next one presents the
+                new. A lapsed certificate is not tried on the network: one line says to
+                re-join, runs go on from the cache.
     flusher     part of the Link: after every run and after every (re)connect, sends the
                 queue with ``client.flush_paced`` (one batch in flight, paced by the server's
                 answer time, a random delay within the flush splay after a reconnect,
@@ -52,19 +57,20 @@ from pathlib import Path
 from typing import Any
 
 from vigo.agent import backoff as bo
-from vigo.agent import runner, traits
+from vigo.agent import identity, runner, traits
 from vigo.agent.cache import Cache
 from vigo.agent.client import (
     EnvoyClient,
-    _cert_expired,
-    _load_credentials,
+    _lapsed_text,
     _nap,
     _revoked_text,
     checkin_body,
     flush_paced,
+    note_refused_cert,
     parse_server,
     record_flush,
     take_checkin_answer,
+    try_renew,
 )
 from vigo.agent.enrolment import tls_client_context
 from vigo.errors import (
@@ -321,6 +327,9 @@ class Link:
         self._last_problem: str | None = None
         self._flush_retry = bo.Backoff(FLUSH_ERROR_BASE_S, FLUSH_ERROR_CAP_S, rng=self.rng)
         self._retry_handle: asyncio.TimerHandle | None = None
+        self._renewal: asyncio.Task[float | None] | None = None
+        #: Certificate renewals that installed a new pair (tests, benchmarks).
+        self.renewals = 0
 
     # -- public
 
@@ -347,9 +356,11 @@ class Link:
                 log.info("next connection attempt in %.2f s (attempt %d)", wait, self.backoff.attempt)
                 await self._wait(wait)
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await flusher
+            for task in (flusher, self._renewal):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             await self._drop("stopping")
 
     async def stop(self) -> None:
@@ -387,7 +398,21 @@ class Link:
         if stale is not None:
             await self._drop(stale, client)
             return False
+        self.renew_soon(client)
         return True
+
+    def renew_soon(self, client: EnvoyClient) -> None:
+        """Renew the certificate over ``client`` if due, in the background (one at a time)."""
+        if self._renewal is not None and not self._renewal.done():
+            return
+        self._renewal = asyncio.get_running_loop().create_task(self._renew(client), name="vigo-renew")
+
+    async def _renew(self, client: EnvoyClient) -> float | None:
+        envoy_id = await self.cache(lambda c: c.envoy_id)
+        renewed = await try_renew(client, self.state_dir, envoy_id)
+        if renewed is not None:
+            self.renewals += 1
+        return renewed
 
     async def drain(self, budget_s: float) -> None:
         """Flush what is queued now, waiting at most ``budget_s`` (shutdown)."""
@@ -409,8 +434,9 @@ class Link:
         setup = await self._setup()
         if setup is None:
             return self.config.reconnect_cap_s
-        ctx, servers, trusted = setup
+        ctx, servers, trusted, ident = setup
         retry_after: float | None = None
+        refused: str | None = None
         start = self._next % len(servers)
         for index in [*range(start, len(servers)), *range(start)]:
             if self.stop_event.is_set():
@@ -421,6 +447,9 @@ class Link:
                 client = await EnvoyClient.open(server, ctx)
             except UnavailableError as exc:
                 self._failed(server, exc.reason, exc)
+                continue
+            except ServerError as exc:  # a TLS "certificate expired" alert
+                refused = await self.cache(lambda c, s=server, r=exc.reason: note_refused_cert(c, s, r, ident))
                 continue
             try:
                 host_traits = await self.cache(lambda c: c.last_traits())
@@ -433,6 +462,9 @@ class Link:
                 if exc.code == "revoked":
                     await self._revoked(server, exc.reason)
                     return self.config.reconnect_cap_s
+                if exc.code == "expired":  # by that gateway's clock: another one may differ
+                    refused = await self.cache(lambda c, s=server, r=exc.reason: note_refused_cert(c, s, r, ident))
+                    continue
                 if exc.retry_after_s is not None:
                     retry_after = max(retry_after or 0.0, exc.retry_after_s)
                 self._failed(server, f"checkin refused ({exc.code}): {exc.reason}", exc)
@@ -446,15 +478,20 @@ class Link:
                 self._failed(server, stale, None)
                 continue
             self._next = index
+            self.renew_soon(client)
             await self._serve(client, accepted)
             return None
+        if refused is not None:  # the gateway's reason names its clock: one line per certificate
+            self._problem(_lapsed_text(self.state_dir, servers, ident.not_after, refused),
+                          key=f"certificate {ident.serial:x} refused as expired")
+            return self.config.reconnect_cap_s
         return retry_after
 
-    async def _setup(self) -> tuple[ssl.SSLContext, list[str], Any] | None:
-        """Credentials, gateways and trusted key, or None (logged) when this envoy cannot
-        connect now: not joined, revoked, certificate expired."""
+    async def _setup(self) -> tuple[ssl.SSLContext, list[str], Any, identity.Identity] | None:
+        """TLS context, gateways, trusted key and identity, or None (logged) when this envoy
+        cannot connect now: not joined, revoked, certificate expired."""
         try:
-            creds = _load_credentials(self.state_dir)
+            ident = await asyncio.to_thread(identity.load, self.state_dir)
             servers = list(self.config.servers or await self.cache(lambda c: list(c.meta("servers", []) or [])))
             if not servers:
                 raise AdmissionError(f"not joined: the cache in {self.state_dir} names no server; run "
@@ -463,17 +500,14 @@ class Link:
             if revoked:
                 envoy_id = await self.cache(lambda c: c.envoy_id)
                 raise AdmissionError(_revoked_text(envoy_id, revoked))
-            expired = _cert_expired(creds.cert_pem)
-            if expired is not None:
-                raise AdmissionError(
-                    f"this envoy's certificate expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expired))}; "
-                    "run `vigo-envoy join` with a new token to rejoin the fleet (converging from the cache meanwhile)")
+            if ident.expired():
+                raise AdmissionError(_lapsed_text(self.state_dir, servers, ident.not_after))
             trusted = await self.cache(lambda c: runner._trusted_key(c, None))
-            ctx = tls_client_context(creds.ca_pem, creds.cert_pem, creds.key_pem)
+            ctx = tls_client_context(ident.ca_pem, ident.cert_pem, ident.key_pem)
         except (AdmissionError, ConfigError, ValueError, ssl.SSLError, OSError) as exc:
             self._problem(str(exc))
             return None
-        return ctx, servers, trusted
+        return ctx, servers, trusted, ident
 
     async def _checkin(self, client: EnvoyClient, host_traits: dict[str, Any],
                        trusted: Any) -> tuple[str | None, bool]:
@@ -560,11 +594,12 @@ class Link:
         log.log(level, "gateway %s", text)
         self.state.error = text
 
-    def _problem(self, text: str) -> None:
-        """A reason this envoy cannot connect at all: logged once while it lasts."""
-        if text != self._last_problem:
+    def _problem(self, text: str, key: str | None = None) -> None:
+        """A reason this envoy cannot connect at all: logged once while it lasts (``key`` says
+        what "the same reason" is when the text carries changing details)."""
+        if (key or text) != self._last_problem:
             log.warning("not connecting: %s", text)
-            self._last_problem = text
+            self._last_problem = key or text
         self.state.error = text
 
     def _wake(self, reason: str) -> None:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vigo.agent import engine, traits
+from vigo.agent import engine, identity, traits
 from vigo.agent.cache import DEFAULT_QUEUE_MAX_BYTES, Cache
 from vigo.agent.sealing import Sealer
-from vigo.errors import BundleError, CacheLockedError, ConfigError, VigoError
+from vigo.errors import AdmissionError, BundleError, CacheLockedError, ConfigError, VigoError
 from vigo.policy import bundle as bundle_mod
 from vigo.policy.keys import load_public_key, parse_public_key, public_pem
 
@@ -221,7 +221,30 @@ def status(state_dir: Path) -> dict[str, Any]:
             "link": cache.meta("link"),
             "offline_since": cache.meta("offline_since"),
             "last_flush": cache.meta("last_flush"),
+            "certificate": certificate_status(state_dir, cache.meta("cert_refused"), cache.meta("last_checkin_at")),
         }
+
+
+def certificate_status(state_dir: Path, refused: dict[str, Any] | None = None,
+                       last_checkin_at: float | None = None, *, now: float | None = None) -> dict[str, Any] | None:
+    """The envoy certificate as `status` shows it (None: not joined): serial, validity, whether
+    it expired, when renewal is due, and a gateway's refusal of it as expired (remembered in
+    meta ``cert_refused``) unless a check-in with it succeeded since."""
+    try:
+        ident = identity.load(state_dir)
+    except AdmissionError:
+        return None
+    serial = format(ident.serial, "x")
+    if not (refused and refused.get("serial") == serial and (refused.get("at") or 0) > (last_checkin_at or 0)):
+        refused = None
+    return {
+        "serial": serial,
+        "not_before": ident.not_before,
+        "not_after": ident.not_after,
+        "expired": ident.expired(now),
+        "renew_after": ident.renew_after(),
+        "refused": refused,
+    }
 
 
 def daemon_pid(state_dir: Path) -> int | None:

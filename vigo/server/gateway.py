@@ -2,16 +2,16 @@
 gives it a backend that calls the primary).
 
 Per connection: the TLS handshake verifies a client certificate when one is presented (envoys
-after admission); a revoked one is refused at once. Then frames are read one at a time; each
-request is checked against what the connection may send (``protocol.check_allowed``), and
-answered. Framing errors get an error frame and the connection is closed; message errors get
-an error frame and the connection stays open. Nothing a client sends can stop the server from
-serving everyone else.
+after admission); a revoked or expired one is refused at once, with an error frame. Then frames
+are read one at a time; each request is checked against what the connection may send
+(``protocol.check_allowed``), and answered. Framing errors get an error frame and the
+connection is closed; message errors get an error frame and the connection stays open. Nothing
+a client sends can stop the server from serving everyone else.
 
-Envoy requests (join, checkin, results) go through the **batcher**: many envoys' requests ride
-in one call to the primary (one transaction there). The batcher's queue is bounded: past
-``queue_max`` waiting requests, new ones are answered ``overloaded`` with a retry-after rather
-than letting memory grow.
+Envoy requests (join, checkin, results, renew) go through the **batcher**: many envoys'
+requests ride in one call to the primary (one transaction there). The batcher's queue is
+bounded: past ``queue_max`` waiting requests, new ones are answered ``overloaded`` with a
+retry-after rather than letting memory grow.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from vigo.config import GatewayConfig
 from vigo.errors import AdmissionError, ProtocolError
 from vigo.server.admissions import (
     RevocationSet,
+    cert_key_sha256,
     cert_serial,
+    cert_validity,
     envoy_id_from_cert,
     tls_server_context,
 )
@@ -47,6 +49,8 @@ TLS_READ_BUFFER_BYTES = 8 * 1024
 ANONYMOUS_IDLE_TIMEOUT_S = 30.0
 #: Batches that may be in flight to the primary at once (pipelining hides call latency).
 MAX_BATCHES_IN_FLIGHT = 2
+#: OpenSSL's X509_V_FLAG_NO_CHECK_TIME (the ssl module has no name for it): see ``__init__``.
+_VERIFY_NO_CHECK_TIME = 0x200000
 
 
 class Backend(Protocol):
@@ -61,6 +65,8 @@ class _Conn:
     writer: asyncio.StreamWriter
     envoy_id: str | None
     serial: int | None
+    #: (not_before, not_after) of the envoy certificate, unix seconds; None without one.
+    validity: tuple[float, float] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def send(self, type: str, id: int, body: dict[str, Any], max_bytes: int) -> None:
@@ -104,6 +110,14 @@ class GatewayServer:
         self.cfg = cfg
         self.host, self.port = host, port
         self.ssl = tls_server_context(cert_pem, key_pem, ca_pem, require_client_cert=False)
+        # Envoy certificate *times* are checked here (``_serve``), not by the handshake. An
+        # expired certificate that fails the handshake ends the connection with a TLS alert that
+        # asyncio never sends (it drops the transport first): the envoy would see a bare EOF,
+        # indistinguishable from a crash, and this gateway would log nothing naming the envoy.
+        # Checked after the handshake, the envoy gets an `expired` error frame and the log gets
+        # its id. The chain, the CA and the key usage are still verified by OpenSSL; the CA
+        # never issues a certificate outliving itself, so a current leaf means a current CA.
+        self.ssl.verify_flags |= _VERIFY_NO_CHECK_TIME
         self.admin_token = admin_token
         self.revoked = RevocationSet.from_list(revocations or [])
         self.on_stack_pushed = on_stack_pushed
@@ -171,6 +185,8 @@ class GatewayServer:
                 await self._fail(conn, 0, "revoked", f"envoy {conn.envoy_id} certificate {conn.serial:x} is revoked")
                 log.info("refused revoked envoy %s from %s", conn.envoy_id, peer)
                 return
+            if conn.envoy_id is not None and not await self._current(conn, peer):
+                return
             self._conns.add(conn)
             self.stats.connections = len(self._conns)
             await self._frames(reader, conn)
@@ -185,16 +201,36 @@ class GatewayServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 2)
 
-    def _identify(self, writer: asyncio.StreamWriter) -> tuple[str | None, int | None]:
-        """The envoy id and certificate serial of a verified client certificate, if any."""
-        obj = writer.get_extra_info("ssl_object")
-        der = obj.getpeercert(binary_form=True) if obj is not None else None
+    def _identify(self, writer: asyncio.StreamWriter) -> tuple[str | None, int | None, tuple[float, float] | None]:
+        """The envoy id, certificate serial and validity of a verified client certificate, if any."""
+        der = _peer_der(writer)
         if not der:
-            return None, None
+            return None, None, None
         try:
-            return envoy_id_from_cert(der), cert_serial(der)
+            return envoy_id_from_cert(der), cert_serial(der), cert_validity(der)
         except AdmissionError:
-            return None, None
+            return None, None, None
+
+    async def _current(self, conn: _Conn, peer: Any) -> bool:
+        """Whether the envoy certificate is within its validity by this gateway's clock; if
+        not, the connection is refused with one error frame (``expired`` / ``unauthenticated``)."""
+        not_before, not_after = conn.validity or (float("inf"), float("-inf"))
+        now = time.time()
+        if now > not_after:
+            log.info("refused envoy %s from %s: certificate %x expired at %s", conn.envoy_id, peer, conn.serial,
+                     _iso(not_after))
+            await self._fail(conn, 0, "expired",
+                             f"envoy {conn.envoy_id} certificate {conn.serial:x} expired at {_iso(not_after)} "
+                             f"(gateway clock {_iso(now)})")
+            return False
+        if now < not_before:
+            log.info("refused envoy %s from %s: certificate %x not valid before %s", conn.envoy_id, peer,
+                     conn.serial, _iso(not_before))
+            await self._fail(conn, 0, "unauthenticated",
+                             f"envoy {conn.envoy_id} certificate {conn.serial:x} is not valid before "
+                             f"{_iso(not_before)} (gateway clock {_iso(now)}): check the clocks")
+            return False
+        return True
 
     async def _frames(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
         while True:
@@ -270,7 +306,13 @@ class GatewayServer:
             return "pong", {}
         if frame.type == "admin":
             return "admin_ok", {"result": await self._admin(frame.body)}
-        answer = await self._submit({"type": frame.type, "envoy_id": conn.envoy_id, "body": frame.body})
+        item: dict[str, Any] = {"type": frame.type, "envoy_id": conn.envoy_id, "body": frame.body}
+        if frame.type == "renew":
+            # The primary refuses a renewal that keeps the key, and logs which serial it replaces.
+            der = _peer_der(conn.writer)
+            item["cert_key_sha256"] = cert_key_sha256(der) if der else None
+            item["cert_serial"] = format(conn.serial, "x") if conn.serial is not None else None
+        answer = await self._submit(item)
         if "error" in answer:
             err = answer["error"]
             if err["code"] == "revoked" and conn.envoy_id:
@@ -409,3 +451,13 @@ class GatewayServer:
 
 class _Refused(ProtocolError):
     """An error answer from the primary, passed on to the client as is."""
+
+
+def _peer_der(writer: asyncio.StreamWriter) -> bytes | None:
+    """The client certificate the TLS layer verified (DER), if one was presented."""
+    obj = writer.get_extra_info("ssl_object")
+    return obj.getpeercert(binary_form=True) if obj is not None else None
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
