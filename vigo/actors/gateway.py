@@ -81,13 +81,26 @@ class Gateway:
         self.server = GatewayServer(
             self.backend, ca_pem=material["ca_pem"], cert_pem=material["cert_pem"], key_pem=material["key_pem"],
             cfg=cfg.gateway, host=host, port=port, admin_token=load_token,
-            revocations=material["revocations"],
+            revocations=material["revocations"], on_stack_pushed=self._notify_siblings,
         )
         self.advertise = host if host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address()
         await self.server.start()
         await self.backend.control.register_gateway.remote(
             name, f"{self.advertise}:{self.server.port}", ray.get_runtime_context().get_node_id())
         self._metrics_task = asyncio.create_task(self._export_metrics())
+
+    async def _notify_siblings(self) -> None:
+        """After a push through this gateway, the envoys connected to the others converge too:
+        every gateway control knows gets `notify_all` (this one already told its own)."""
+        topology = await self.backend.control.get_topology.remote()
+        for name in topology.get("gateways", {}):
+            if name == self.name:
+                continue
+            try:
+                sent = await ray.get_actor(name, namespace=NAMESPACE).notify_all.remote("bundle_changed")
+                log.info("gateway %s notified %d envoys of the new bundle", name, sent)
+            except Exception as exc:  # a sibling that is down converges its envoys at their next run
+                log.warning("cannot notify gateway %s: %s", name, exc)
 
     async def _export_metrics(self) -> None:
         """Publish the server's counters where Ray users look (Prometheus endpoint, dashboard)."""
