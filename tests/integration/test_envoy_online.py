@@ -447,3 +447,25 @@ def test_revoked_envoy_stops_and_says_so(server: Server, envoy_dirs):
     after = report_of(run_once(envoy_dirs))
     assert after["envoy_id"] == new_id and after["flushed"] == 1
     assert motd.read_text() != "edited by hand\n"
+
+
+def test_a_report_the_server_refuses_is_set_aside_and_the_rest_flows(server: Server, envoy_dirs):
+    """One queued report too big for the server (over its per-report limit) must not block the
+    queue: the batch is retried report by report, the refused one moves to the quarantine with
+    the server's reason, and every other report is delivered."""
+    from vigo.server.fleet import MAX_REPORT_BYTES
+
+    envoy_id = joined(server, envoy_dirs)
+    giant = {"kind": "run", "run_id": "giant-" + uuid.uuid4().hex, "envoy_id": envoy_id,
+             "started_at": time.time() - 10, "counts": {"ok": 1, "changed": 0, "failed": 0, "skipped": 0},
+             "resources": [{"id": "file:/x", "message": "x" * (MAX_REPORT_BYTES + 1024)}]}
+    with Cache(envoy_dirs["state"]) as cache:
+        cache.enqueue(giant)
+    report = report_of(run_once(envoy_dirs))
+    assert report["flushed"] == 1  # this run's own report went through
+    assert queued(envoy_dirs) == []
+    shown = server.show(envoy_id)
+    assert {r["run_id"] for r in shown["runs"]} == {report["run_id"]}
+    with Cache(envoy_dirs["state"], readonly=True) as cache:
+        reasons = [q["reason"] for q in cache.quarantined()]
+    assert any("bad_body" in r and "limit" in r for r in reasons), reasons

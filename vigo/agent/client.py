@@ -653,24 +653,32 @@ async def flush(client: EnvoyClient, cache: Cache) -> int:
         if not batch:
             return total
         reports = [_as_sent(report, envoy_id) for report in batch]
+        set_aside = 0
         try:
             acked = await client.send_results(envoy_id, reports)
         except (ServerError, ProtocolError) as exc:
             if isinstance(exc, UnavailableError) or exc.code not in _REPORT_REFUSALS:
                 raise
-            acked = await _send_one_by_one(client, cache, envoy_id, reports)
+
+            async def quarantine(run_id: str, reason: str) -> None:
+                cache.quarantine_run(run_id, reason)
+
+            acked, set_aside = await _send_one_by_one(client, envoy_id, reports, quarantine)
         removed = cache.ack(acked)
         total += removed
         log.info("flushed %d report(s) to %s (%d acknowledged)", len(reports), client.server, removed)
-        if removed == 0:
+        if removed == 0 and set_aside == 0:
             return total
 
 
-async def _send_one_by_one(client: EnvoyClient, cache: Cache, envoy_id: str,
-                           reports: list[dict[str, Any]]) -> list[str]:
+async def _send_one_by_one(client: EnvoyClient, envoy_id: str, reports: list[dict[str, Any]],
+                           quarantine: Callable[[str, str], Awaitable[None]]) -> tuple[list[str], int]:
     """A batch was refused for its content: send each report alone, and move aside the ones
-    refused alone (kept in the quarantine, never sent again) so they cannot block the queue."""
+    refused alone (kept in the quarantine, never sent again) so they cannot block the queue.
+    ``quarantine(run_id, reason)`` does the moving, wherever the caller keeps its cache.
+    Returns the acknowledged ids and how many reports were set aside (both are progress)."""
     acked: list[str] = []
+    set_aside = 0
     for report in reports:
         run_id = str(report["run_id"])
         try:
@@ -680,8 +688,9 @@ async def _send_one_by_one(client: EnvoyClient, cache: Cache, envoy_id: str,
                 raise
             reason = f"refused by {client.server}: {exc.code}: {exc.reason}"
             log.error("report %s %s; moved to the quarantine", run_id, reason)
-            cache.quarantine_run(run_id, reason)
-    return acked
+            await quarantine(run_id, reason)
+            set_aside += 1
+    return acked, set_aside
 
 
 def record_flush(cache: Cache, server: str, acked: int) -> None:
@@ -736,6 +745,7 @@ async def flush_paced(
         reports = [_as_sent(report, envoy_id) for report in batch]
         log.info("sending %d queued report(s) to %s", len(reports), client.server)
         started = clock()
+        set_aside = 0
         try:
             acked = await client.send_results(envoy_id, reports)
         except UnavailableError as exc:
@@ -753,7 +763,10 @@ async def flush_paced(
             stats.errors[exc.code] += 1
             if exc.code not in _REPORT_REFUSALS:
                 raise
-            acked = await _send_one_by_one_async(client, call, envoy_id, reports)
+            async def quarantine(run_id: str, reason: str) -> None:
+                await call(lambda c: c.quarantine_run(run_id, reason))
+
+            acked, set_aside = await _send_one_by_one(client, envoy_id, reports, quarantine)
         answer_s = clock() - started
         retry.reset()
         acked_ids = list(acked)
@@ -762,30 +775,13 @@ async def flush_paced(
         stats.batches += 1
         log.info("flushed %d report(s) to %s in %.3f s (%d acknowledged)", len(reports), client.server,
                  answer_s, removed)
-        if removed == 0:
+        if removed == 0 and set_aside == 0:
             return stats
         pause = flush_pause(answer_s, len(reports), FLUSH_MAX_REPORTS)
         if pause > 0:
             stats.waited_s += pause
             await _nap(pause, stop)
     return stats
-
-
-async def _send_one_by_one_async(client: EnvoyClient, call: CacheCall, envoy_id: str,
-                                 reports: list[dict[str, Any]]) -> list[str]:
-    """``_send_one_by_one`` for a cache kept behind ``call``."""
-    acked: list[str] = []
-    for report in reports:
-        run_id = str(report["run_id"])
-        try:
-            acked += await client.send_results(envoy_id, [report])
-        except (ServerError, ProtocolError) as exc:
-            if isinstance(exc, UnavailableError) or exc.code not in _REPORT_REFUSALS:
-                raise
-            reason = f"refused by {client.server}: {exc.code}: {exc.reason}"
-            log.error("report %s %s; moved to the quarantine", run_id, reason)
-            await call(lambda c, run_id=run_id, reason=reason: c.quarantine_run(run_id, reason))
-    return acked
 
 
 async def _nap(seconds: float, stop: asyncio.Event | None) -> None:
