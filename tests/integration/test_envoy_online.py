@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import EXAMPLE_STACK, SECRET, build_bundle, run_cli, write_traits_dir
+from tests.serverharness import InProcessBackend, stack_files
 from vigo.agent.cache import Cache
 from vigo.agent.client import (
     CA_FILE,
@@ -37,31 +38,9 @@ from vigo.agent.enrolment import tls_client_context
 from vigo.errors import AdmissionError, ConfigError
 from vigo.server.admissions import FleetCA
 from vigo.server.gateway import GatewayServer
-from vigo.server.partition import Partition, error_of
+from vigo.server.partition import Partition
 
 pytestmark = pytest.mark.integration
-
-
-class LocalBackend:
-    """What the Ray gateway actor's backend does, minus Ray: call the partition directly."""
-
-    def __init__(self, partition: Partition) -> None:
-        self.partition = partition
-
-    async def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return self.partition.handle_batch(items)
-
-    async def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return {"ok": self.partition.admin(op, args)}
-        except Exception as exc:
-            return {"error": error_of(exc)}
-
-    async def bundle_bytes(self, serial: int) -> bytes:
-        return self.partition.bundle_bytes(serial)
-
-    async def revocations(self) -> list[dict[str, Any]]:
-        return self.partition.revocations().to_list()
 
 
 class Server:
@@ -72,6 +51,9 @@ class Server:
         self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True)
         self.thread.start()
         self.partition: Partition = self.call(self._open(data_dir))
+        # One backend (and its lock) for the gateway and for the test's own admin calls: the
+        # partition is single-writer, as the primary actor makes it.
+        self.backend = InProcessBackend(self.partition)
         self.gateway: GatewayServer | None = None
         self.port = 0
 
@@ -82,9 +64,7 @@ class Server:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def admin(self, op: str, args: dict[str, Any] | None = None) -> Any:
-        async def go() -> Any:
-            return self.partition.admin(op, args or {})
-        return self.call(go())
+        return self.backend._locked(self.partition.admin, op, args or {})
 
     def start(self, *, material: dict[str, Any] | None = None) -> None:
         """Start the gateway (on the same port as before, after a stop)."""
@@ -92,7 +72,7 @@ class Server:
             mat = self.partition.gateway_material()
             mat.update(material or {})
             gw = GatewayServer(
-                LocalBackend(self.partition), ca_pem=mat["ca_pem"], cert_pem=mat["cert_pem"],
+                self.backend, ca_pem=mat["ca_pem"], cert_pem=mat["cert_pem"],
                 key_pem=mat["key_pem"], cfg=self.partition.cfg.gateway, host="127.0.0.1", port=self.port,
                 admin_token=lambda: "t", revocations=mat["revocations"],
             )
@@ -122,8 +102,7 @@ class Server:
     # -- setup helpers
 
     def push_stack(self, stack_dir: Path, overrides: dict[str, bytes] | None = None) -> dict[str, Any]:
-        files = {p.relative_to(stack_dir).as_posix(): p.read_bytes() for p in sorted(stack_dir.rglob("*")) if p.is_file()}
-        files.update(overrides or {})
+        files = {**stack_files(stack_dir), **(overrides or {})}
         return self.admin("stack.push", {"files": files})
 
     def token(self, uses: int = 1) -> str:

@@ -331,11 +331,11 @@ class Partition:
 
     def _admin_status(self) -> dict[str, Any]:
         now = time.time()
+        current = self.current_serial()
         envoys = fleet.envoy_rows(self.store)
         counts = dict.fromkeys((*fleet.STATUSES, "revoked"), 0)
         for e in envoys:
-            counts[self._status(e, now)] += 1
-        current = self.current_serial()
+            counts[self._status(e, now, current)] += 1
         bundle = self.store.one("SELECT version, serial, pushed_at FROM bundles WHERE serial = ?", (current,)) if current else None
         return {
             "partition": self.cfg.partition,
@@ -426,19 +426,19 @@ class Partition:
         return [{"id": r[0], "created_at": r[1], "expires_at": r[2], "uses_left": r[3], "uses_total": r[4], "note": r[5]}
                 for r in self.store.query("SELECT id, created_at, expires_at, uses_left, uses_total, note FROM tokens ORDER BY created_at")]
 
-    def _status(self, envoy: dict[str, Any], now: float) -> str:
+    def _status(self, envoy: dict[str, Any], now: float, current_serial: int | None) -> str:
         if envoy.get("revoked_at"):
             return "revoked"
-        return fleet.derive_status(envoy, now=now, current_serial=self.current_serial(),
+        return fleet.derive_status(envoy, now=now, current_serial=current_serial,
                                    offline_after_intervals=self.cfg.checkin.offline_after_intervals,
                                    default_interval_s=self.cfg.checkin.interval_s)
 
     def _admin_envoys_list(self) -> list[dict[str, Any]]:
-        now = time.time()
+        now, current = time.time(), self.current_serial()  # once, not once per envoy
         out = []
         for e in fleet.envoy_rows(self.store):
             out.append({
-                "id": e["id"], "hostname": e["hostname"], "status": self._status(e, now),
+                "id": e["id"], "hostname": e["hostname"], "status": self._status(e, now, current),
                 "last_seen": e["last_seen"], "serial": e["serial"], "bundle_version": e["bundle_version"],
                 "queue_depth": e["queue_depth"], "oldest_queued_at": e["oldest_queued_at"],
                 "offline_runs": e["offline_runs"],
@@ -457,7 +457,7 @@ class Partition:
         if len(rows) > 1 and rows[0]["id"] != envoy_id:
             raise ProtocolError("conflict", f"id prefix {envoy_id!r} matches {len(rows)} envoys; give more characters")
         e = rows[0]
-        e["status"] = self._status(e, time.time())
+        e["status"] = self._status(e, time.time(), self.current_serial())
         e["runs"] = fleet.recent_runs(self.store, e["id"], limit=runs, full=True)
         e["run_count"] = self.store.one("SELECT COUNT(*) FROM runs WHERE envoy_id = ?", (e["id"],))[0]
         return e
