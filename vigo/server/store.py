@@ -31,6 +31,7 @@ from typing import Any
 import apsw
 
 from vigo.errors import StoreError
+from vigo.snapshots.stream import WalStream
 
 log = logging.getLogger("vigo.server.store")
 
@@ -82,8 +83,11 @@ class Store:
             mode = self.db.pragma("journal_mode", "wal")
             if str(mode).lower() != "wal":
                 raise StoreError(f"cannot put {self.data_dir / 'state.db'} in WAL mode (got {mode})")
-            # The primary is the only checkpointer: no checkpoint behind the archiver's back.
+            # The primary is the only checkpointer: no checkpoint behind the stream's back, not
+            # even the one SQLite runs when the last connection closes (the WAL must still hold
+            # what the stream state says it sealed when the next process opens it).
             self.db.wal_autocheckpoint(0)
+            self.db.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
             self._wal_frames = 0
             self.db.set_wal_hook(self._on_wal_commit)
             # An acknowledged write survives power loss: results are acknowledged after commit.
@@ -92,9 +96,15 @@ class Store:
             self._migrate()
         except apsw.Error as exc:
             raise StoreError(f"cannot open the server database in {self.data_dir}: {exc}") from exc
+        self.stream = WalStream(self.db, self.data_dir / "state.db", self.data_dir / "stream",
+                                term=lambda: int(self.get_meta("term", 1)))
+        if self.stream.reason_for_new_generation:
+            log.info("the state stream will start a new generation: %s", self.stream.reason_for_new_generation)
 
     def close(self) -> None:
+        self.stream.close()
         self.db.close()
+        self.stream.close_db_fd()
 
     # --- transactions -------------------------------------------------------------------
 
@@ -109,6 +119,7 @@ class Store:
             raise StoreError(f"the server disk is full: the write was rolled back ({exc})") from exc
         except apsw.Error as exc:
             raise StoreError(f"database write failed and was rolled back: {exc}") from exc
+        self._seal()
         pending, self._pending_files = self._pending_files, []
         for tree, path in pending:
             try:
@@ -203,10 +214,22 @@ class Store:
 
     # --- maintenance --------------------------------------------------------------------
 
+    def _seal(self) -> None:
+        """Hand the commit's frames to the stream. The write is committed whatever happens
+        here; a stream that cannot seal restarts in a new generation (with a snapshot) at the
+        next write rather than ship a log with a hole in it."""
+        try:
+            self.stream.seal()
+        except Exception as exc:
+            log.error("cannot seal the committed WAL frames (%s): the stream restarts in a new generation", exc)
+            self.stream.reason_for_new_generation = f"sealing failed: {exc}"
+
     def _on_wal_commit(self, _db: apsw.Connection, _name: str, pages: int) -> int:
         # SQLite reports the WAL's frame count after each commit. The WAL *file* never shrinks
         # after a checkpoint (it is reused from the start), so its size says nothing.
         self._wal_frames = pages
+        if hasattr(self, "stream"):
+            self.stream.wal_frames = pages
         return apsw.SQLITE_OK
 
     def wal_pages(self) -> int:
@@ -214,10 +237,11 @@ class Store:
         return self._wal_frames
 
     def checkpoint(self, *, force: bool = False) -> tuple[int, int] | None:
-        """PASSIVE checkpoint once the WAL passed CHECKPOINT_AFTER_PAGES (or when forced)."""
+        """Seal, then PASSIVE checkpoint, once the WAL passed CHECKPOINT_AFTER_PAGES (or when
+        forced). Returns (frames in the WAL, frames copied back)."""
         if not force and self._wal_frames < CHECKPOINT_AFTER_PAGES:
             return None
-        result = self.db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        result = self.stream.checkpoint()
         if result[0] == result[1]:
             self._wal_frames = 0  # all copied back: the next writer restarts the WAL
         return result
