@@ -1,14 +1,17 @@
 """`Primary`: the actor that owns one partition's database. A thin shell over
 ``vigo.server.partition.Partition``; every method is one call into it.
 
-A sync actor on purpose: Ray runs one method at a time, which is exactly the single-writer
-discipline the database needs (no locks, no second connection). A restarted primary
-(max_restarts=-1) reopens its data dir and carries on.
+A sync actor on purpose: Ray runs one method at a time, which is the single-writer discipline
+the database needs. One background thread does periodic upkeep (checkpoints, scheduled
+snapshots); it takes the same lock as every method, so the partition still sees one caller at
+a time. A restarted primary (max_restarts=-1) reopens its data dir and carries on.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from typing import Any
 
@@ -20,13 +23,28 @@ log = logging.getLogger("vigo.actors.primary")
 
 #: How often envoy status counts are recomputed for the metrics, seconds.
 STATUS_EXPORT_S = 30.0
+#: How often the upkeep thread checks for a due checkpoint or snapshot, seconds.
+UPKEEP_INTERVAL_S = 1.0
+
+
+def _serialised(method):
+    """Run an actor method under the partition lock (shared with the upkeep thread)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class Primary:
     def __init__(self, data_dir: str, cfg: dict[str, Any] | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         parsed = config_mod.from_dict(cfg) if cfg is not None else None
+        self._lock = threading.RLock()
         self.partition = Partition(data_dir, parsed)
+        self.partition.start_archive()
+        self._stop = threading.Event()
+        threading.Thread(target=self._upkeep, name="vigo-upkeep", daemon=True).start()
         from ray.util.metrics import Counter, Gauge, Histogram
 
         tag = {"partition": self.partition.cfg.partition}
@@ -40,6 +58,15 @@ class Primary:
                              tag_keys=("partition",))
         self._next_status_export = 0.0
 
+    def _upkeep(self) -> None:
+        while not self._stop.wait(UPKEEP_INTERVAL_S):
+            try:
+                with self._lock:
+                    self.partition.tick()
+            except Exception:  # one failed upkeep round must not end the thread
+                log.exception("primary upkeep failed")
+
+    @_serialised
     def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         answers = self.partition.handle_batch(items)
         self._batch.observe(len(items), tags=self._tags)
@@ -63,6 +90,7 @@ class Primary:
             self._envoys.set(n, tags={**self._tags, "status": name})
         self._queued.set(status["queued_reports"], tags=self._tags)
 
+    @_serialised
     def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Admin answers travel as {"ok": result} or {"error": {...}}: a user mistake is data,
         not an exception that Ray would wrap in a traceback."""
@@ -74,15 +102,19 @@ class Primary:
             log.exception("admin %s failed", op)
             return {"error": error_of(exc)}
 
+    @_serialised
     def gateway_material(self, hostnames: list[str] | None = None, ips: list[str] | None = None) -> dict[str, Any]:
         return self.partition.gateway_material(hostnames, ips)
 
+    @_serialised
     def bundle_bytes(self, serial: int) -> bytes:
         return self.partition.bundle_bytes(serial)
 
+    @_serialised
     def revocations(self) -> list[dict[str, Any]]:
         return self.partition.revocations().to_list()
 
+    @_serialised
     def ping(self) -> dict[str, Any]:
         return {"partition": self.partition.cfg.partition, "term": self.partition.term}
 

@@ -16,12 +16,12 @@ except ImportError:  # the envoy-only install has no typer
 
 
 def _app():
-    from vigo.cli import fleet, secrets, server, stack
+    from vigo.cli import backup, fleet, secrets, server, stack
 
     app = typer.Typer(
         name="vigocli",
         help=(
-            "Operate vigo. Commands other than `stack build|check|keygen` talk to a running server "
+            "Operate vigo. Commands other than `stack build|check|keygen`, `restore` and `backup verify|list|restore` talk to a running server "
             "through the Ray dashboard (--address, env VIGO_ADDRESS, default http://127.0.0.1:8265), "
             "authenticated by the Ray cluster token (RAY_AUTH_TOKEN or ~/.ray/auth_token)."
         ),
@@ -34,6 +34,10 @@ def _app():
     app.add_typer(fleet.envoys, name="envoys")
     app.add_typer(fleet.tokens, name="token")
     app.add_typer(secrets.app, name="secrets")
+    app.add_typer(backup.app, name="backup")
+    from vigo.cli import restore
+
+    app.command("restore")(restore.restore)
     return app
 
 

@@ -238,8 +238,31 @@ def status(address: Address = client.DEFAULT_ADDRESS, as_json: JsonFlag = False)
         ("WAL pages", info["wal_pages"]),
         ("CA fingerprint", info["ca_fingerprint"]),
         ("signing key", info["signing_key_id"]),
+        *_stream_rows(info.get("stream") or {}),
         *[(f"gateway {g['name']}", g["endpoint"]) for g in info["gateways"]],
     ]))
+
+
+def _stream_rows(stream: dict) -> list[tuple[str, object]]:
+    """Stream position, archive lag and spool for `server status`."""
+    rows: list[tuple[str, object]] = []
+    pos = stream.get("position")
+    if pos:
+        rows.append(("stream position", f"generation {pos[0]} index {pos[1]:08x} offset {pos[2]}"))
+    archive = stream.get("archive")
+    if archive is None:
+        rows.append(("archive", "off (set archive.url in server.yaml)"))
+        return rows
+    state = "BEHIND: spool over its bound" if archive["spool_over_bound"] else (
+        f"failing: {archive['last_error']}" if archive["last_error"] else "ok")
+    rows += [
+        ("archive", f"{archive['url']} ({state})"),
+        ("archive lag", f"{archive['lag_s']:.1f} s, {archive['lag_bytes']} bytes"),
+        ("archive spool", f"{archive['spool_bytes']} bytes in {archive['spool_files']} files "
+                          f"(bound {archive['spool_max_bytes']})"),
+        ("archive uploaded", output.ago(archive["uploaded_at"]) if archive["uploaded_at"] else "nothing yet"),
+    ]
+    return rows
 
 
 @app.command("stop")

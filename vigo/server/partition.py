@@ -75,6 +75,8 @@ class Partition:
         self._bootstrap()
         self.store.materialise_trees()
         self.term = int(self.store.get_meta("term", 1))
+        self.store.stream.term = lambda: self.term
+        self.archiver = None  # set by start_archive(): the primary actor runs it, unit tests need not
         self.ca = FleetCA(self._tree("tls", "ca.key"), self._tree("tls", "ca.pem"))
         self.signing_key = serialization.load_pem_private_key(self._tree("secrets", "bundle-signing.key"), None)
         self.secrets = SecretBox(self._tree("secrets", "master.key"))
@@ -347,6 +349,7 @@ class Partition:
             "runs_stored": self.store.one("SELECT COUNT(*) FROM runs")[0],
             "queued_reports": sum(e.get("queue_depth") or 0 for e in envoys),
             "wal_pages": self.store.wal_pages(),
+            "stream": self.stream_status(),
             "ca_fingerprint": self.ca.fingerprint(),
             "signing_key_id": key_id(self.signing_key.public_key()),
         }
@@ -490,6 +493,21 @@ class Partition:
         rows = self.store.query("SELECT path, updated_at FROM trees WHERE tree = 'secrets' AND path LIKE 'values/%' ORDER BY path")
         return [{"name": r[0][len("values/"):-len(".sealed")], "updated_at": r[1]} for r in rows]
 
+    def _admin_backup_create(self, out: str, key: bytes, salt: bytes, kdf: dict) -> dict[str, Any]:
+        """An encrypted backup unit (vigo/snapshots/backup.py) at ``out``: an absolute path on
+        this host or a file:// / s3:// URL. The key arrives derived by the CLI, so the passphrase
+        never reaches the server. Envoy batches wait while it runs (one method at a time), but
+        other connections keep writing: the snapshot is one read transaction in WAL mode."""
+        from vigo.snapshots import backup
+
+        if not isinstance(out, str) or not out:
+            raise ProtocolError("bad_body", f"backup out must be a path or URL (text), got {out!r:.80}")
+        result = backup.create_backup_at(self.store.db, out, backup.BackupKey.from_derived(key, salt, kdf),
+                                         partition=self.cfg.partition, work_dir=self.store.data_dir)
+        log.info("backup written to %s (%d bytes, %d entries, %.1f s)", result["path"], result["size"],
+                 result["entries"], result["seconds"])
+        return result
+
     def _secret_values(self, names: list[str]) -> dict[str, str]:
         values = {}
         for name in names:
@@ -500,7 +518,46 @@ class Partition:
             values[name] = self.secrets.open(name, sealed).decode()
         return values
 
+    # --- the archive and periodic upkeep ------------------------------------------------------
+
+    def start_archive(self) -> dict[str, Any] | None:
+        """Ship the state stream to ``archive.url`` (no-op without one). Starts with a snapshot,
+        so the archive can always be restored from what this process sends: a new generation
+        when continuity with the last run cannot be proven, else a new index of the same one."""
+        cfg = self.cfg.archive
+        if not cfg.url or self.archiver is not None:
+            return None
+        from vigo.snapshots.archiver import Archiver
+        from vigo.snapshots.targets import open_target
+
+        target = open_target(cfg.url, endpoint_url=cfg.endpoint_url or None)
+        self.archiver = Archiver(
+            target, self.store.data_dir / "archive-spool", partition=self.cfg.partition,
+            sync_interval_s=cfg.sync_interval_s, snapshot_interval_s=cfg.snapshot_interval_s,
+            retention_s=cfg.retention_s, retention_check_s=cfg.retention_check_s, spool_max_bytes=cfg.spool_max_bytes)
+        self.store.stream.consumers.append(self.archiver)
+        self.store.stream.snapshot()
+        self.archiver.start()
+        log.info("archiving partition %s to %s every %.1f s", self.cfg.partition, target.url, cfg.sync_interval_s)
+        return self.archiver.status()
+
+    def tick(self) -> None:
+        """Periodic upkeep from the primary's loop: checkpoint when the WAL is long, snapshot
+        when the archive's schedule says so."""
+        self.store.checkpoint()
+        if self.archiver is not None and self.archiver.snapshot_due():
+            self.store.stream.snapshot()
+
+    def stream_status(self) -> dict[str, Any]:
+        stream = self.store.stream
+        return {
+            "position": list(stream.position()) if stream.position() else None,
+            "archive": self.archiver.status() if self.archiver is not None else None,
+        }
+
     def close(self) -> None:
+        if self.archiver is not None:
+            self.archiver.stop()
         self.store.close()
 
 

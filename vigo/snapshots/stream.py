@@ -24,6 +24,7 @@ state is persisted after the consumers saw it) is trimmed or skipped by them, ne
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -415,3 +416,57 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- segments as bytes (the archive's objects, the spool's files) ---------------------------
+
+SEGMENT_FORMAT = 1
+
+
+def encode_segment(seg: Segment) -> bytes:
+    import msgpack
+
+    return msgpack.packb({
+        "v": SEGMENT_FORMAT, "generation": seg.generation, "index": seg.index, "start": seg.start,
+        "end": seg.end, "page_size": seg.page_size, "salts": list(seg.salts),
+        "checksum_start": list(seg.checksum_start), "checksum_end": list(seg.checksum_end),
+        "commits": [list(c) for c in seg.commits], "term": seg.term, "closes": seg.closes, "data": seg.data,
+    }, use_bin_type=True)
+
+
+def decode_segment(raw: bytes, *, name: str = "segment") -> Segment:
+    import msgpack
+
+    try:
+        d = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:
+        raise StoreError(f"{name} is not a vigo WAL segment (msgpack: {exc})") from exc
+    if not isinstance(d, dict) or d.get("v") != SEGMENT_FORMAT:
+        got = d.get("v") if isinstance(d, dict) else type(d).__name__
+        raise StoreError(f"{name}: unknown segment format {got!r} (this vigo reads format {SEGMENT_FORMAT})")
+    try:
+        seg = Segment(
+            generation=d["generation"], index=int(d["index"]), start=int(d["start"]), end=int(d["end"]),
+            data=bytes(d["data"]), page_size=int(d["page_size"]), salts=tuple(d["salts"]),
+            checksum_start=tuple(d["checksum_start"]), checksum_end=tuple(d["checksum_end"]),
+            commits=tuple((int(e), int(p), float(t)) for e, p, t in d["commits"]), term=int(d["term"]),
+            closes=d.get("closes"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"{name}: malformed segment ({type(exc).__name__}: {exc})") from exc
+    if len(seg.data) != seg.end - seg.start or not seg.commits:
+        raise StoreError(f"{name}: holds {len(seg.data)} bytes for range {seg.start}..{seg.end}")
+    return seg
+
+
+def merge_segments(segs: list[Segment]) -> Segment:
+    """Consecutive segments of one index as one (the archiver uploads one object per tick)."""
+    first = segs[0]
+    for prev, nxt in itertools.pairwise(segs):
+        if (nxt.generation, nxt.index, nxt.start) != (prev.generation, prev.index, prev.end):
+            raise StoreError(f"cannot merge {prev.describe()} with {nxt.describe()}: not consecutive")
+    if len(segs) == 1:
+        return first
+    return replace(first, end=segs[-1].end, data=b"".join(s.data for s in segs),
+                   checksum_end=segs[-1].checksum_end, commits=tuple(c for s in segs for c in s.commits),
+                   term=segs[-1].term)
