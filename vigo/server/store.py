@@ -186,31 +186,11 @@ class Store:
         return count
 
     def _materialise(self, tree: str, path: str) -> None:
-        target = self._tree_path(tree, path)
         row = self.one("SELECT content, mode FROM trees WHERE tree = ? AND path = ?", (tree, path))
         if row is None:
-            target.unlink(missing_ok=True)
-            return
-        content, mode = bytes(row[0]), int(row[1])
-        for parent in reversed(target.parents):  # a folder that became a file, or the reverse
-            if parent.is_file() and self.data_dir in parent.parents:
-                parent.unlink()
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            os.write(fd, content)
-            os.fchmod(fd, mode)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-
-    def _tree_path(self, tree: str, path: str) -> Path:
-        if tree == "server.yaml":
-            return self.data_dir / "server.yaml"
-        return self.data_dir / tree / path
+            write_tree_file(self.data_dir, tree, path, None, 0)
+        else:
+            write_tree_file(self.data_dir, tree, path, bytes(row[0]), int(row[1]))
 
     # --- maintenance --------------------------------------------------------------------
 
@@ -258,6 +238,48 @@ class Store:
             self.db.execute(_SCHEMA)
             self.db.pragma("user_version", SCHEMA_VERSION)
             self.db.execute("INSERT INTO meta(key, value) VALUES ('created_at', ?), ('term', 1)", (time.time(),))
+
+
+def tree_file_path(data_dir: Path, tree: str, path: str) -> Path:
+    _check_tree_path(tree, path)
+    if tree == "server.yaml":
+        return data_dir / "server.yaml"
+    return data_dir / tree / path
+
+
+def write_tree_file(data_dir: Path, tree: str, path: str, content: bytes | None, mode: int) -> None:
+    """Write (or, for None, delete) one materialised tree file, atomically."""
+    target = tree_file_path(data_dir, tree, path)
+    if content is None:
+        target.unlink(missing_ok=True)
+        return
+    for parent in reversed(target.parents):  # a folder that became a file, or the reverse
+        if parent.is_file() and data_dir in parent.parents:
+            parent.unlink()
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, content)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+
+
+def read_trees(db_path: Path) -> dict[tuple[str, str], tuple[str, bytes, int]]:
+    """(tree, path) -> (sha256, content, mode) from a database file no one else writes (a
+    standby's, a restored one). The connection is opened and closed here."""
+    conn = apsw.Connection(str(db_path))
+    try:
+        return {(r[0], r[1]): (r[2], bytes(r[3]), int(r[4]))
+                for r in conn.execute("SELECT tree, path, sha256, content, mode FROM trees")}
+    except apsw.Error as exc:
+        raise StoreError(f"cannot read the trees from {db_path}: {exc}") from exc
+    finally:
+        conn.close()
 
 
 def _check_tree_path(tree: str, path: str) -> None:

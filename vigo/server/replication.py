@@ -1,0 +1,404 @@
+"""Peer replication, both ends, without Ray: what the primary keeps for its standbys
+(``ReplicationLog``, a stream consumer) and what a standby does with what it receives
+(``StandbyCore``). The actor shells (vigo/actors/primary.py) only move messages between them.
+
+Primary side. Every sealed segment is kept in memory until every standby has acknowledged it
+(bounded by ``max_lag_bytes``: a standby further behind is sent a fresh snapshot instead). A
+sender thread asks ``work_for(standby)`` for the next message (the segments after that
+standby's acknowledged position, batched, or a snapshot in chunks), sends it, and hands the
+reply to ``on_reply``. One message in flight per standby keeps them in order; receivers are
+idempotent by position anyway. Synchronous mode waits in ``wait_acked`` until enough standbys
+hold a position before a write is acknowledged.
+
+Standby side. Segments are applied with the same applier restore uses (byte-identical to the
+primary at the applied position), trees are materialised after each batch, and every message
+carries the sender's term: a lower term than the standby has seen is refused (fencing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vigo.snapshots.apply import Applier, CorruptSegment, NeedSnapshot, StreamGap
+from vigo.snapshots.stream import Segment, Snapshot
+
+log = logging.getLogger("vigo.server.replication")
+
+#: Most WAL bytes carried by one replication message.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Snapshot bytes per message (a 200 MB database is 25 messages).
+SNAPSHOT_CHUNK_BYTES = 8 * 1024 * 1024
+
+
+def _pos_key(pos: tuple[str, int, int] | list | None) -> tuple[int, int]:
+    return (-1, -1) if pos is None else (int(pos[1]), int(pos[2]))
+
+
+@dataclass
+class StandbyTrack:
+    name: str
+    acked: tuple[str, int, int] | None = None
+    acked_at: float = 0.0
+    committed_at: float = 0.0  # primary clock time of the last transaction the standby holds
+    needs_snapshot: bool = True  # until it proves its position with a first reply
+    snapshot_sending: tuple[str, int] | None = None
+    snapshot_offset: int = 0
+    in_sync: bool = False
+    last_error: str | None = None
+    resyncs: int = 0
+    probed: bool = False
+
+
+@dataclass
+class Work:
+    kind: str  # "segments" | "snapshot" | "probe"
+    segments: list[Segment] = field(default_factory=list)
+    snapshot: Snapshot | None = None
+    offset: int = 0
+    data: bytes = b""
+    end: tuple[str, int, int] | None = None
+
+
+class ReplicationLog:
+    def __init__(self, standbys: list[str], *, max_lag_bytes: int = 64 << 20,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.tracks = {name: StandbyTrack(name) for name in standbys}
+        self.max_lag_bytes = max_lag_bytes
+        self.clock = clock
+        self.segments: deque[Segment] = deque()
+        self.bytes = 0
+        self.generation: str | None = None
+        self.head: tuple[str, int, int] | None = None  # the newest sealed position
+        self.head_at = 0.0
+        self.snapshot: Snapshot | None = None
+        self.snapshot_wanted = False  # asks the primary's upkeep for a fresh snapshot
+        #: Everything after this (index, offset) of the current generation is in ``segments``.
+        self.floor: tuple[int, int] | None = None
+        self.index_ends: dict[int, int] = {}  # where closed indexes ended: (i, end) == (i + 1, 0)
+        self._cond = threading.Condition()
+
+    def _norm(self, pos: tuple[int, int]) -> tuple[int, int]:
+        index, offset = pos
+        if self.index_ends.get(index) == offset:
+            return (index + 1, 0)
+        return pos
+
+    def _new_generation(self, generation: str, floor: tuple[int, int] | None) -> None:
+        self.segments.clear()
+        self.bytes = 0
+        self.generation = generation
+        self.floor = floor
+        self.index_ends = {}
+
+    # --- the stream consumer (primary thread) ---------------------------------------------------
+
+    def on_segment(self, seg: Segment) -> None:
+        with self._cond:
+            if seg.generation != self.generation:
+                self._new_generation(seg.generation, None)
+            if seg.closes is not None:
+                self.index_ends[seg.index - 1] = seg.closes
+            if self.floor is None:
+                self.floor = (seg.index, seg.start)
+            self.segments.append(seg)
+            self.bytes += len(seg.data)
+            self.head, self.head_at = (seg.generation, seg.index, seg.end), seg.committed_at
+            self._trim()
+            self._cond.notify_all()
+
+    def on_snapshot(self, snap: Snapshot) -> None:
+        with self._cond:
+            if snap.generation != self.generation:
+                self._new_generation(snap.generation, (snap.index, 0))
+            self.snapshot = snap
+            self.snapshot_wanted = False
+            if self.head is None or self.head[0] != snap.generation:
+                self.head, self.head_at = (snap.generation, snap.index, 0), snap.created_at
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Nothing to make durable: a standby that misses segments is resent them or a snapshot."""
+
+    def _trim(self) -> None:
+        """Drop segments every standby has, and the oldest ones past the memory bound."""
+        floor = min((_pos_key(t.acked) for t in self.tracks.values()
+                     if t.acked and t.acked[0] == self.generation), default=None)
+        lagging = any(not t.acked or t.acked[0] != self.generation for t in self.tracks.values())
+        while self.segments:
+            first = self.segments[0]
+            fully_acked = floor is not None and not lagging and (first.index, first.end) <= floor
+            if not fully_acked and self.bytes <= self.max_lag_bytes:
+                break
+            self.segments.popleft()
+            self.bytes -= len(first.data)
+            self.floor = (first.index, first.end)
+
+    # --- the sender (its own thread) ----------------------------------------------------------
+
+    def work_for(self, name: str) -> Work | None:
+        with self._cond:
+            t = self.tracks[name]
+            if not t.probed:
+                return Work("probe")
+            if t.needs_snapshot:
+                return self._snapshot_work(t)
+            if t.acked is None or t.acked[0] != self.generation:
+                t.needs_snapshot = True
+                return self._snapshot_work(t)
+            batch, size = [], 0
+            pos = self._norm(_pos_key(t.acked))
+            if self.floor is not None and pos < self._norm(self.floor):
+                # What it needs next was dropped (it fell too far behind): resync by snapshot.
+                log.warning("standby %s is behind what the primary keeps (at %s): sending a fresh snapshot", name, t.acked)
+                t.needs_snapshot = True
+                t.resyncs += 1
+                return self._snapshot_work(t)
+            for seg in self.segments:
+                if (seg.index, seg.end) <= pos:
+                    continue
+                if batch and size + len(seg.data) > MAX_MESSAGE_BYTES:
+                    break
+                batch.append(seg)
+                size += len(seg.data)
+            if not batch:
+                return None
+            last = batch[-1]
+            return Work("segments", segments=batch, end=(last.generation, last.index, last.end))
+
+    def _snapshot_work(self, t: StandbyTrack) -> Work | None:
+        snap = self.snapshot
+        usable = snap is not None and snap.generation == self.generation and self._covers_from(snap)
+        if not usable:
+            self.snapshot_wanted = True
+            return None
+        assert snap is not None
+        if t.snapshot_sending != (snap.generation, snap.index):
+            t.snapshot_sending, t.snapshot_offset = (snap.generation, snap.index), 0
+        with open(snap.path, "rb") as f:  # the stream may unlink it later; an open file stays readable
+            f.seek(t.snapshot_offset)
+            data = f.read(SNAPSHOT_CHUNK_BYTES)
+        return Work("snapshot", snapshot=snap, offset=t.snapshot_offset, data=data)
+
+    def _covers_from(self, snap: Snapshot) -> bool:
+        """Every segment after the snapshot is still kept (nothing after it was dropped)."""
+        return self.floor is None or self._norm(self.floor) <= (snap.index, 0)
+
+    def on_reply(self, name: str, work: Work, reply: dict[str, Any]) -> None:
+        with self._cond:
+            t = self.tracks[name]
+            t.probed = True
+            status = reply.get("status")
+            pos = reply.get("position")
+            t.last_error = reply.get("reason") if status not in ("ok",) else None
+            if status == "need_snapshot" or (status == "ok" and pos is None):
+                if not t.needs_snapshot:
+                    t.resyncs += 1
+                    log.warning("standby %s needs a snapshot: %s", name, reply.get("reason") or "no position")
+                t.needs_snapshot = True
+            elif status in ("ok", "gap"):
+                if work.kind == "snapshot" and status == "ok" and pos is None:
+                    pass
+                elif work.kind == "snapshot" and reply.get("snapshot_offset") is not None:
+                    t.snapshot_offset = int(reply["snapshot_offset"])
+                if pos is not None:
+                    t.acked = (pos[0], int(pos[1]), int(pos[2]))
+                    t.acked_at = self.clock()
+                    t.committed_at = float(reply.get("committed_at") or 0.0)
+                    t.needs_snapshot = t.acked[0] != self.generation
+                    if not t.needs_snapshot:
+                        t.snapshot_sending, t.snapshot_offset = None, 0
+            elif status == "fenced":
+                log.error("standby %s refused replication: it has seen term %s (this primary is fenced)",
+                          name, reply.get("term"))
+            t.in_sync = t.acked is not None and self.head is not None and _pos_key(t.acked) >= _pos_key(self.head) \
+                and t.acked[0] == self.head[0]
+            self._trim()
+            self._cond.notify_all()
+
+    def on_failure(self, name: str, error: str) -> None:
+        with self._cond:
+            t = self.tracks[name]
+            if t.last_error != error:
+                log.warning("replication to standby %s failed: %s", name, error)
+            t.last_error = error
+            t.in_sync = False
+            t.probed = False  # ask for its position again once it answers
+
+    # --- synchronous mode -----------------------------------------------------------------------
+
+    def acked_by(self, position: tuple[str, int, int] | None) -> int:
+        if position is None:
+            return len(self.tracks)
+        return sum(1 for t in self.tracks.values()
+                   if t.acked and t.acked[0] == position[0] and _pos_key(t.acked) >= _pos_key(position))
+
+    def wait_acked(self, position: tuple[str, int, int] | None, count: int, timeout_s: float) -> bool:
+        """Block until ``count`` standbys hold ``position`` (or ``timeout_s`` passes)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.acked_by(position) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout_s)
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        with self._cond:
+            out = []
+            for t in self.tracks.values():
+                lag_bytes = sum(len(s.data) for s in self.segments
+                                if t.acked is None or t.acked[0] != s.generation or (s.index, s.end) > _pos_key(t.acked))
+                behind = [s for s in self.segments if t.acked and t.acked[0] == s.generation
+                          and (s.index, s.end) > _pos_key(t.acked)]
+                lag_s = max(0.0, self.clock() - behind[0].commits[0][2]) if behind else 0.0
+                if t.acked is None or (self.head and t.acked[0] != self.head[0]):
+                    lag_s = max(0.0, self.clock() - t.committed_at) if t.committed_at else None
+                out.append({
+                    "name": t.name, "position": list(t.acked) if t.acked else None, "in_sync": t.in_sync,
+                    "lag_bytes": lag_bytes, "lag_s": None if lag_s is None else round(lag_s, 3),
+                    "acked_at": t.acked_at or None, "needs_snapshot": t.needs_snapshot, "resyncs": t.resyncs,
+                    "last_error": t.last_error,
+                })
+            return out
+
+
+# --- the standby's side ------------------------------------------------------------------------
+
+class StandbyCore:
+    """A standby's data dir: the applier, the term it has seen, and the materialised trees."""
+
+    def __init__(self, data_dir: Path | str, name: str = "standby") -> None:
+        self.data_dir = Path(data_dir)
+        self.name = name
+        (self.data_dir / "stream").mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.applier = Applier(self.data_dir / "state.db", self.data_dir / "stream" / "apply.json")
+        self._term_path = self.data_dir / "stream" / "standby.json"
+        try:
+            self.term = int(json.loads(self._term_path.read_text())["term"])
+        except (FileNotFoundError, ValueError, KeyError):
+            self.term = 0
+        self._tree_sha: dict[tuple[str, str], str] | None = None
+        self._incoming: Path = self.data_dir / "stream" / "incoming-snapshot.db"
+
+    def _save_term(self) -> None:
+        tmp = self._term_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"term": self.term}))
+        os.replace(tmp, self._term_path)
+
+    def observe_term(self, term: int) -> bool:
+        """Record a higher term; False if ``term`` is lower than one already seen (fenced sender)."""
+        if term < self.term:
+            return False
+        if term > self.term:
+            self.term = term
+            self._save_term()
+        return True
+
+    def reply(self, status: str = "ok", **extra: Any) -> dict[str, Any]:
+        st = self.applier.state
+        return {"status": status, "position": list(self.applier.position()) if st else None,
+                "committed_at": st.committed_at if st else None, "term": self.term, **extra}
+
+    def receive_segments(self, segments: list[Segment], term: int) -> dict[str, Any]:
+        if not self.observe_term(term):
+            return self.reply("fenced", reason=f"segments at term {term}, this standby has seen term {self.term}")
+        applied = 0
+        try:
+            for seg in segments:
+                if self.applier.accept(seg, durable=False):
+                    applied += 1
+        except NeedSnapshot as exc:
+            return self.reply("need_snapshot", reason=str(exc))
+        except StreamGap as exc:
+            return self.reply("gap", reason=str(exc))
+        except CorruptSegment as exc:
+            log.error("standby %s: %s; asking for a snapshot", self.name, exc)
+            self.applier.forget()
+            return self.reply("need_snapshot", reason=str(exc))
+        finally:
+            if applied:
+                self._sync()
+        if applied:
+            self.materialise()
+        return self.reply()
+
+    def _sync(self) -> None:
+        """One fsync per message (not per segment): the ack below means it is on disk."""
+        fd = os.open(self.data_dir / "state.db", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.applier._save(durable=True)
+
+    def receive_snapshot_chunk(self, *, generation: str, index: int, offset: int, data: bytes, size: int,
+                               sha256: str, term: int, created_at: float) -> dict[str, Any]:
+        if not self.observe_term(term):
+            return self.reply("fenced", reason=f"snapshot at term {term}, this standby has seen term {self.term}")
+        have = self._incoming.stat().st_size if self._incoming.exists() else 0
+        if offset == 0:
+            have = 0
+            self._incoming.unlink(missing_ok=True)
+        if offset != have:
+            return self.reply("ok", snapshot_offset=have)  # resend from what arrived
+        with open(self._incoming, "ab") as f:
+            f.write(data)
+        have += len(data)
+        if have < size:
+            return self.reply("ok", snapshot_offset=have)
+        digest = _sha256_file(self._incoming)
+        if digest != sha256:
+            self._incoming.unlink(missing_ok=True)
+            return self.reply("need_snapshot", reason=f"snapshot {generation}/{index:08x} arrived with sha256 "
+                                                      f"{digest[:16]}, expected {sha256[:16]}")
+        previous = self.applier.position()
+        self.applier.install_snapshot(self._incoming, generation, index, term=term, created_at=created_at, move=True)
+        log.info("standby %s installed snapshot %s/%08x (%d bytes), replacing %s", self.name, generation, index,
+                 size, previous or "nothing")
+        self._tree_sha = None
+        self.materialise()
+        return self.reply()
+
+    def materialise(self) -> int:
+        """Write the trees that changed in the database since the last call."""
+        from vigo.server.store import read_trees, write_tree_file
+
+        rows = read_trees(self.data_dir / "state.db")
+        known = self._tree_sha or {}
+        written = 0
+        for (tree, path), (sha, content, mode) in rows.items():
+            if known.get((tree, path)) != sha:
+                try:
+                    write_tree_file(self.data_dir, tree, path, content, mode)
+                    written += 1
+                except OSError as exc:
+                    log.error("standby %s cannot write %s/%s: %s", self.name, tree, path, exc)
+        for tree, path in set(known) - set(rows):
+            write_tree_file(self.data_dir, tree, path, None, 0)
+        self._tree_sha = {k: v[0] for k, v in rows.items()}
+        return written
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
