@@ -31,6 +31,9 @@ Jinja2, YAML, OS) are translated at the boundary where they happen and chained w
     │   ├── TokenError                     a join token that is unknown, expired or used up
     │   └── RevokedError                   a certificate or envoy that was revoked
     ├── StoreError                         the server database cannot do what was asked
+    ├── ReplicationError                   standbys, promotion and fencing
+    │   ├── NotPrimaryError                a write reached a member that is not (or no longer) primary
+    │   └── PromoteError                   `server promote` refused (behind, unknown, no standby)
     ├── ServerError                        the control plane answered with an error (has .code)
     │   └── UnavailableError(ConnectionError)  no gateway reachable / overloaded (retry later)
     └── AdminAuthError                     admin request without a valid Ray cluster token
@@ -185,6 +188,20 @@ class RevokedError(AdmissionError):
 
 class StoreError(VigoError):
     """The server database cannot do what was asked."""
+
+
+class ReplicationError(VigoError):
+    """Peer replication: a standby, a promotion or a fenced member."""
+
+
+class NotPrimaryError(ReplicationError):
+    """A partition member that is a standby (or was fenced) was asked to serve a write."""
+
+
+class PromoteError(ReplicationError):
+    """`vigocli server promote` refused, saying why (behind, unknown standby, none)."""
+
+    exit_code = 5
 
 
 class ServerError(VigoError):

@@ -1,9 +1,14 @@
-"""`Control`: the topology registry. Which actor is each partition's primary, at which term, and
-which gateways exist. Later issues add standbys and bolts here without changing how a gateway
-asks for its route (``route(partition)``).
+"""`Control`: the topology registry. Which actor is each partition's primary, at which term,
+its standbys, and which gateways exist. A gateway asks ``route(partition)``; a promotion is one
+``set_primary`` call (the term only ever grows, so a stale promotion cannot win).
 
 State is a small JSON file in its own folder, rewritten atomically on every change, so a
-restarted control actor (max_restarts=-1) comes back with the topology it had.
+restarted control actor (max_restarts=-1) comes back with the topology it had. Control should
+live on a host other than any partition's primary (``server deploy --control-host``, the Ray
+head's host is a good choice): promotion needs it while the primary's host is down.
+
+With ``replication.auto_failover`` a watchdog thread (vigo.actors.failover) promotes the most
+up-to-date standby once the primary has not answered for ``failover_after_s``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ class Control:
             self.topology = json.loads(self.path.read_text())
         except FileNotFoundError:
             self.topology = {"partitions": {}, "gateways": {}, "updated_at": time.time()}
+        self._watchdog = None
+        self._start_watchdog()
 
     def _save(self) -> None:
         self.topology["updated_at"] = time.time()
@@ -30,11 +37,45 @@ class Control:
         tmp.write_text(json.dumps(self.topology, indent=2, sort_keys=True))
         os.replace(tmp, self.path)
 
-    def register_partition(self, partition: str, primary: str, term: int, data_dir: str) -> dict[str, Any]:
-        entry = self.topology["partitions"].setdefault(partition, {"standbys": []})
-        entry.update({"primary": primary, "term": int(term), "data_dir": data_dir})
+    def register_partition(self, partition: str, primary: str, term: int, data_dir: str,
+                           standbys: list[str] | None = None, failover: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record a deployed partition. A redeploy never moves the primary back: once a
+        promotion happened, the topology's primary and term stand."""
+        entry = self.topology["partitions"].setdefault(partition, {"standbys": [], "history": []})
+        if entry.get("primary") and int(entry.get("term", 0)) > int(term):
+            members = {entry["primary"], *entry.get("standbys", []), primary, *(standbys or [])}
+            entry["standbys"] = sorted(members - {entry["primary"]})
+        else:
+            entry.update({"primary": primary, "term": int(term), "data_dir": data_dir})
+            entry["standbys"] = sorted(set(standbys or []) - {primary})
+        entry["failover"] = failover or {"auto": False, "after_s": 5.0}
+        self._save()
+        self._start_watchdog()
+        return entry
+
+    def set_primary(self, partition: str, primary: str, term: int) -> dict[str, Any]:
+        """Commit a promotion: ``primary`` serves ``partition`` from ``term`` on. The old primary
+        becomes a standby (it rejoins as one when it comes back)."""
+        entry = self.topology["partitions"][partition]
+        if int(term) <= int(entry["term"]):
+            raise ValueError(f"promotion to term {term} is stale: partition {partition} is at term {entry['term']}")
+        old = entry["primary"]
+        members = {old, *entry.get("standbys", [])}
+        entry.update({"primary": primary, "term": int(term), "standbys": sorted(members - {primary})})
+        entry.setdefault("history", []).append({"term": int(term), "primary": primary, "previous": old,
+                                                "at": time.time()})
         self._save()
         return entry
+
+    def _start_watchdog(self) -> None:
+        if getattr(self, "_watchdog", None) is not None:
+            return
+        if not any(e.get("failover", {}).get("auto") for e in self.topology["partitions"].values()):
+            return
+        from vigo.actors.failover import Watchdog
+
+        self._watchdog = Watchdog(self)
+        self._watchdog.start()
 
     def route(self, partition: str) -> dict[str, Any] | None:
         """Where a gateway sends a partition's requests: {"primary": actor name, "term": n}."""

@@ -43,37 +43,65 @@ def node_host_labels() -> dict[str, str]:
     return out
 
 
-def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | None = None,
-           timeout_s: float = 60.0) -> dict[str, Any]:
-    """Create (or find) control, the partition's primary and one gateway per labelled node.
+def member_data_dir(cfg: ServerConfig, host: str) -> str:
+    """A member's data dir on its host: ``data_dir`` with ``{host}`` replaced by the host's
+    label (one path for all hosts on a real cluster; distinct ones when hosts share a disk)."""
+    return cfg.data_dir.replace("{host}", host)
 
-    ``host`` is the vigo-host label of the node whose disk holds ``cfg.data_dir`` (default:
-    this machine's hostname). Idempotent: actors that exist are reused.
+
+def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | None = None,
+           control_host: str | None = None, gateway_hosts: list[str] | None = None,
+           timeout_s: float = 60.0) -> dict[str, Any]:
+    """Create (or find) control, the partition's primary, its standbys and one gateway per node.
+
+    ``host`` is the vigo-host label of the node whose disk holds the primary's data (default:
+    this machine's hostname); each name in ``replication.standbys`` gets a standby on that
+    host. ``control_host`` (default ``host``) should be a host that outlives the primary's, the
+    Ray head's for instance, so a promotion can happen while the primary's host is down.
+    Gateways go to ``gateway_hosts`` (default: every labelled node). Idempotent: actors that
+    exist are reused, and a partition that was failed over keeps its current primary.
     """
     host = host or socket.gethostname()
+    control_host = control_host or host
     labels = node_host_labels()
-    if host not in labels.values():
-        raise ConfigError(
-            f"no alive Ray node is labelled {HOST_LABEL}={host}; start it with "
-            f"`ray start ... --labels {HOST_LABEL}={host}` (labels seen: {sorted(set(labels.values())) or 'none'})"
-        )
+    standby_hosts = list(cfg.replication.standbys)
+    for needed in (host, control_host, *standby_hosts, *(gateway_hosts or [])):
+        if needed not in labels.values():
+            raise ConfigError(
+                f"no alive Ray node is labelled {HOST_LABEL}={needed}; start it with "
+                f"`ray start ... --labels {HOST_LABEL}={needed}` (labels seen: {sorted(set(labels.values())) or 'none'})"
+            )
+    if host in standby_hosts:
+        raise ConfigError(f"replication.standbys names the primary's own host {host}: a standby must live elsewhere")
     common = {"lifetime": "detached", "namespace": NAMESPACE, "max_restarts": -1, "get_if_exists": True}
 
-    # Control keeps its topology on local disk too: pinned beside the primary's data.
+    # Control keeps its topology on local disk too: pinned to its host.
     control = ray.remote(Control).options(
-        name="control", num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: host}, **common,
-    ).remote(control_dir or cfg.data_dir)
+        name="control", num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: control_host}, **common,
+    ).remote(control_dir or member_data_dir(cfg, control_host))
     ray.get(control.ping.remote(), timeout=timeout_s)
 
     primary_name = f"primary-{cfg.partition}"
-    primary = ray.remote(Primary).options(
-        name=primary_name, num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: host}, **common,
-    ).remote(cfg.data_dir, cfg.to_dict())
-    ping = ray.get(primary.ping.remote(), timeout=timeout_s)
-    ray.get(control.register_partition.remote(cfg.partition, primary_name, ping["term"], cfg.data_dir))
+    standby_names = [f"standby-{cfg.partition}-{h}" for h in standby_hosts]
+    route = ray.get(control.route.remote(cfg.partition), timeout=timeout_s)
+    members = [(primary_name, host, "primary")] + [(n, h, "standby") for n, h in zip(standby_names, standby_hosts, strict=True)]
+    handles = {}
+    for name, member_host, role in members:
+        member_cfg = cfg.to_dict()
+        member_cfg["data_dir"] = member_data_dir(cfg, member_host)
+        handles[name] = ray.remote(Primary).options(
+            name=name, num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: member_host}, **common,
+        ).remote(member_cfg["data_dir"], member_cfg, name, role)
+    current = route["primary"] if route else primary_name
+    ping = ray.get(handles.get(current, handles[primary_name]).ping.remote(), timeout=timeout_s)
+    for name in standby_names:
+        ray.get(handles[name].ping.remote(), timeout=timeout_s)
+    failover = {"auto": cfg.replication.auto_failover, "after_s": cfg.replication.failover_after_s}
+    ray.get(control.register_partition.remote(cfg.partition, primary_name, ping["term"],
+                                              member_data_dir(cfg, host), standby_names, failover))
 
     gateways = {}
-    for label in sorted(set(labels.values())):
+    for label in sorted(set(gateway_hosts or labels.values())):
         name = f"gateway-{label}"
         gw = ray.remote(Gateway).options(
             name=name, num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: label}, max_concurrency=100000,
@@ -90,8 +118,10 @@ def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | Non
             raise ConfigError(
                 f"gateway {name} did not start on port {cfg.listen.port}: {str(exc).strip().splitlines()[-1]}"
             ) from exc
-    log.info("deployed partition %s (term %d) with gateways %s", cfg.partition, ping["term"], endpoints)
-    return {"partition": cfg.partition, "term": ping["term"], "primary": primary_name, "gateways": endpoints}
+    log.info("deployed partition %s (term %d) with standbys %s and gateways %s", cfg.partition, ping["term"],
+             standby_names or "none", endpoints)
+    return {"partition": cfg.partition, "term": ping["term"], "primary": current, "standbys": standby_names,
+            "gateways": endpoints}
 
 
 def teardown(timeout_s: float = 30.0) -> list[str]:
@@ -101,7 +131,8 @@ def teardown(timeout_s: float = 30.0) -> list[str]:
     except ValueError:
         return []
     topology = ray.get(control.get_topology.remote(), timeout=timeout_s)
-    names = [e["primary"] for e in topology["partitions"].values()] + sorted(topology["gateways"]) + ["control"]
+    names = [n for e in topology["partitions"].values() for n in (e["primary"], *e.get("standbys", []))]
+    names += [*sorted(topology["gateways"]), "control"]
     killed = []
     for name in names:
         try:

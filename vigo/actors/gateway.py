@@ -20,6 +20,7 @@ import ray
 
 from vigo import config as config_mod
 from vigo.actors import NAMESPACE
+from vigo.errors import NotPrimaryError
 from vigo.raytoken import load_token
 from vigo.server.gateway import GatewayServer
 
@@ -27,28 +28,68 @@ log = logging.getLogger("vigo.actors.gateway")
 
 #: How often the gateway's counters are copied into Ray's metrics, seconds.
 METRICS_INTERVAL_S = 5.0
+#: Longest wait for the primary's answer to one call before re-reading the route, seconds. Above
+#: replication.sync_timeout_s (a synchronous write may wait that long for its standby); a call
+#: to a primary whose host died would otherwise wait for Ray's node-death detection.
+CALL_TIMEOUT_S = 15.0
+#: Calls tried (each after re-reading the route) before envoys are told `unavailable`.
+CALL_ATTEMPTS = 3
 
 
 class RayBackend:
+    """The gateway's way to the partition's primary: the route from control, re-read when a
+    call fails, times out, reaches a member that is no longer primary, or when told to
+    (``reroute`` after a promotion, which also moves calls still waiting on the old primary)."""
+
     def __init__(self, partition: str) -> None:
         self.partition = partition
         self.control = ray.get_actor("control", namespace=NAMESPACE)
         self.primary: Any = None
+        self.term = 0
+        self.epoch = 0  # bumped by every reroute
+        self._inflight: dict[asyncio.Future, int] = {}
 
     async def resolve(self) -> Any:
         route = await self.control.route.remote(self.partition)
         if not route:
             raise RuntimeError(f"control knows no primary for partition {self.partition}")
         self.primary = ray.get_actor(route["primary"], namespace=NAMESPACE)
+        self.term = int(route.get("term", 0))
         return self.primary
 
+    async def reroute(self) -> int:
+        self.epoch += 1
+        await self.resolve()
+        moved = 0
+        for fut, epoch in list(self._inflight.items()):
+            if epoch != self.epoch and not fut.done():
+                fut.cancel()  # its caller retries at the new primary (writes are idempotent)
+                moved += 1
+        return moved
+
     async def _call(self, method: str, *args: Any) -> Any:
-        primary = self.primary or await self.resolve()
-        try:
-            return await getattr(primary, method).remote(*args)
-        except (ray.exceptions.RayActorError, ValueError):
-            primary = await self.resolve()  # the route may have changed (restart, promotion)
-            return await getattr(primary, method).remote(*args)
+        last: Exception | None = None
+        for _ in range(CALL_ATTEMPTS):
+            primary = self.primary or await self.resolve()
+            epoch = self.epoch
+            fut = asyncio.ensure_future(_awaited(getattr(primary, method).remote(*args)))
+            self._inflight[fut] = epoch
+            try:
+                return await asyncio.wait_for(fut, CALL_TIMEOUT_S)
+            except asyncio.CancelledError:
+                if self.epoch == epoch:
+                    raise  # the gateway itself is stopping
+                last = RuntimeError("rerouted to a new primary")
+            except NotPrimaryError as exc:
+                last = exc
+                await asyncio.sleep(0.2)  # a promotion is being committed: give control a moment
+                await self.resolve()
+            except (ray.exceptions.RayActorError, ValueError, TimeoutError) as exc:
+                last = exc
+                await self.resolve()  # the route may have changed (restart, promotion)
+            finally:
+                self._inflight.pop(fut, None)
+        raise RuntimeError(f"no primary of {self.partition} answered {method} ({type(last).__name__}: {last})")
 
     async def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await self._call("handle_batch", items)
@@ -61,6 +102,10 @@ class RayBackend:
 
     async def revocations(self) -> list[dict[str, Any]]:
         return await self._call("revocations")
+
+
+async def _awaited(ref: Any) -> Any:
+    return await ref
 
 
 class Gateway:
@@ -125,6 +170,13 @@ class Gateway:
 
     async def status(self) -> dict[str, Any]:
         return {"name": self.name, "advertise": f"{self.advertise}:{self.server.port}", **self.server.status()}
+
+    async def reroute(self) -> int:
+        """After a promotion: send everything to the new primary now, including waiting calls."""
+        moved = await self.backend.reroute()
+        log.info("gateway %s rerouted to the new primary (term %d); %d waiting calls moved", self.name,
+                 self.backend.term, moved)
+        return moved
 
     async def notify_all(self, reason: str) -> int:
         return await self.server.notify_all(reason)

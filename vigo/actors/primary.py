@@ -1,23 +1,34 @@
-"""`Primary`: the actor that owns one partition's database. A thin shell over
-``vigo.server.partition.Partition``; every method is one call into it.
+"""`Primary`: the actor that holds one member of a partition: its primary, or a standby.
 
-A sync actor on purpose: Ray runs one method at a time, which is the single-writer discipline
-the database needs. One background thread does periodic upkeep (checkpoints, scheduled
-snapshots); it takes the same lock as every method, so the partition still sees one caller at
-a time. A restarted primary (max_restarts=-1) reopens its data dir and carries on.
+A thin shell over plain cores: ``vigo.server.partition.Partition`` when primary,
+``vigo.server.replication.StandbyCore`` when standby, and ``ReplicationLog`` for the standbys a
+primary feeds. The role is not fixed at birth: the control actor's topology decides it at every
+start (a restarted old primary whose partition moved on comes back as a standby), ``promote``
+turns a standby into the primary at a higher term, and ``fence`` (or any message from a higher
+term) turns a primary into a standby. Actor names are birth names (``primary-p0``,
+``standby-p0-<host>``); `vigocli server status` shows who holds which role now.
+
+A sync actor on purpose: Ray runs one method at a time, the single-writer discipline the
+database needs. Two threads help, neither touching the database outside the lock every method
+takes: upkeep (checkpoints, scheduled snapshots) and the replication sender (messages to the
+standbys, which need no lock; synchronous mode waits for its acknowledgements).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from vigo import config as config_mod
-from vigo.errors import ProtocolError, VigoError
+from vigo.errors import NotPrimaryError, ProtocolError, VigoError
 from vigo.server.partition import Partition, error_of
+from vigo.server.replication import ReplicationLog, StandbyCore, Work
 
 log = logging.getLogger("vigo.actors.primary")
 
@@ -25,10 +36,14 @@ log = logging.getLogger("vigo.actors.primary")
 STATUS_EXPORT_S = 30.0
 #: How often the upkeep thread checks for a due checkpoint or snapshot, seconds.
 UPKEEP_INTERVAL_S = 1.0
+#: How long the sender waits for one standby's reply before counting the call failed, seconds.
+REPLICATION_CALL_TIMEOUT_S = 10.0
+#: Poll period of the sender when nothing is in flight (it is also woken by every commit), s.
+SENDER_IDLE_S = 0.05
 
 
 def _serialised(method):
-    """Run an actor method under the partition lock (shared with the upkeep thread)."""
+    """Run an actor method under the member lock (shared with the upkeep thread)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with self._lock:
@@ -37,18 +52,32 @@ def _serialised(method):
 
 
 class Primary:
-    def __init__(self, data_dir: str, cfg: dict[str, Any] | None = None) -> None:
+    def __init__(self, data_dir: str, cfg: dict[str, Any] | None = None, name: str | None = None,
+                 role: str = "primary") -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        parsed = config_mod.from_dict(cfg) if cfg is not None else None
+        self.cfg = config_mod.from_dict(cfg) if cfg is not None else None
+        self.data_dir = data_dir
+        self.name = name or f"primary-{self.cfg.partition if self.cfg else 'p0'}"
+        self.partition_name = self.cfg.partition if self.cfg else "p0"
         self._lock = threading.RLock()
-        self.partition = Partition(data_dir, parsed)
-        self.partition.start_archive()
+        self.partition: Partition | None = None
+        self.standby: StandbyCore | None = None
+        self.replication: ReplicationLog | None = None
         self._stop = threading.Event()
+        self._sender_stop = threading.Event()
+        route = self._route()
+        if route and route.get("primary") not in (None, self.name):
+            role = "standby"  # the partition moved on while this member was away: it follows now
+        elif route and route.get("primary") == self.name:
+            role = "primary"
+        if role == "primary":
+            self._become_primary(standbys=(route or {}).get("standbys"))
+        else:
+            self._become_standby(f"started as standby (primary: {(route or {}).get('primary', 'unknown')})")
         threading.Thread(target=self._upkeep, name="vigo-upkeep", daemon=True).start()
         from ray.util.metrics import Counter, Gauge, Histogram
 
-        tag = {"partition": self.partition.cfg.partition}
-        self._tags = tag
+        self._tags = {"partition": self.partition_name}
         self._requests = Counter("vigo_primary_requests_total", "envoy requests answered, by type",
                                  tag_keys=("partition", "type"))
         self._batch = Histogram("vigo_primary_batch_size", "envoy requests per batch call",
@@ -56,19 +85,183 @@ class Primary:
         self._envoys = Gauge("vigo_envoys", "envoys by derived status", tag_keys=("partition", "status"))
         self._queued = Gauge("vigo_envoy_queued_reports", "reports envoys said they hold, summed",
                              tag_keys=("partition",))
+        self._lag = Gauge("vigo_replication_lag_bytes", "WAL bytes a standby has not acknowledged",
+                          tag_keys=("partition", "standby"))
+        self._archive_lag = Gauge("vigo_archive_lag_seconds", "age of the oldest commit not yet archived",
+                                  tag_keys=("partition",))
         self._next_status_export = 0.0
+
+    # --- roles -----------------------------------------------------------------------------------
+
+    def _route(self) -> dict[str, Any] | None:
+        import ray
+
+        from vigo.actors import NAMESPACE
+
+        try:
+            control = ray.get_actor("control", namespace=NAMESPACE)
+            return ray.get(control.route.remote(self.partition_name), timeout=30)
+        except Exception as exc:  # no control yet (first deploy) or unreachable: keep the birth role
+            log.info("%s: no route from control (%s); starting as born", self.name, exc)
+            return None
+
+    def _become_primary(self, *, standbys: list[str] | None = None, term: int | None = None) -> None:
+        data_dir = Path(self.data_dir)
+        if self.standby is not None or term is not None:
+            # A promoted standby: its stream starts a new generation (nothing it applied can be
+            # proven to continue a log it did not write), and no applier state may linger.
+            shutil.rmtree(data_dir / "stream", ignore_errors=True)
+        self.standby = None
+        self.partition = Partition(data_dir, self.cfg)
+        if term is not None and term > self.partition.term:
+            self.partition.set_term(term)
+        self.partition.start_archive()
+        names = [s for s in (standbys if standbys is not None else self._configured_standbys()) if s != self.name]
+        if names:
+            rcfg = self.partition.cfg.replication
+            self.replication = ReplicationLog(names, max_lag_bytes=rcfg.max_lag_bytes)
+            self.partition.store.stream.consumers.append(self.replication)
+            self.partition.store.stream.snapshot()  # every standby starts from a known point
+            self._sender_stop = threading.Event()  # one per sender: an old one may still be winding down
+            threading.Thread(target=self._send_loop, args=(self.replication, self._sender_stop),
+                             name="vigo-replication", daemon=True).start()
+        log.info("%s is primary of %s at term %d (standbys: %s)", self.name, self.partition_name,
+                 self.partition.term, ", ".join(names) or "none")
+
+    def _configured_standbys(self) -> list[str]:
+        cfg = self.partition.cfg if self.partition else self.cfg
+        return [f"standby-{cfg.partition}-{host}" for host in cfg.replication.standbys] if cfg else []
+
+    def _become_standby(self, reason: str) -> None:
+        self._sender_stop.set()
+        self.replication = None
+        if self.partition is not None:
+            self.partition.close()
+            self.partition = None
+        data_dir = Path(self.data_dir)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (data_dir / "stream" / "state.json").unlink(missing_ok=True)
+        self.standby = StandbyCore(data_dir, self.name)
+        if self.standby.applier.state is None and (data_dir / "state.db").exists():
+            # A former primary: whatever it wrote after the fork is not in the new primary's
+            # history. Kept aside for the operator, never served.
+            aside = data_dir / f"state.db.fenced-{int(time.time())}"
+            os.replace(data_dir / "state.db", aside)
+            for suffix in ("-wal", "-shm"):
+                Path(f"{data_dir / 'state.db'}{suffix}").unlink(missing_ok=True)
+            log.warning("%s: its database (possibly with writes after the fork) is set aside as %s; "
+                        "resynchronising from the primary", self.name, aside)
+        log.info("%s is a standby of %s: %s", self.name, self.partition_name, reason)
+
+    def _require_primary(self) -> Partition:
+        if self.partition is None:
+            term = self.standby.term if self.standby else "?"
+            raise NotPrimaryError(f"{self.name} is a standby of partition {self.partition_name} "
+                                  f"(has seen term {term}); the gateway routes to the primary")
+        return self.partition
+
+    # --- threads ---------------------------------------------------------------------------------
 
     def _upkeep(self) -> None:
         while not self._stop.wait(UPKEEP_INTERVAL_S):
             try:
                 with self._lock:
-                    self.partition.tick()
+                    if self.partition is not None:
+                        self.partition.tick()
+                        if self.replication is not None and self.replication.snapshot_wanted:
+                            self.partition.store.stream.snapshot()
+                self._export_lag()
             except Exception:  # one failed upkeep round must not end the thread
-                log.exception("primary upkeep failed")
+                log.exception("%s upkeep failed", self.name)
+
+    def _send_loop(self, rlog: ReplicationLog, stop: threading.Event) -> None:
+        """Feed every standby: at most one message in flight each, replies to the log."""
+        import ray
+
+        from vigo.actors import NAMESPACE
+
+        handles: dict[str, Any] = {}
+        inflight: dict[Any, tuple[str, Work, float]] = {}
+        busy: set[str] = set()
+        while not stop.is_set():
+            partition = self.partition
+            term = partition.term if partition is not None else 0
+            for name in rlog.tracks:
+                if name in busy:
+                    continue
+                try:
+                    work = rlog.work_for(name)
+                    if work is None:
+                        continue
+                    handle = handles.get(name) or ray.get_actor(name, namespace=NAMESPACE)
+                    handles[name] = handle
+                    ref = self._submit(handle, work, term)
+                except Exception as exc:
+                    handles.pop(name, None)
+                    rlog.on_failure(name, f"cannot reach {name}: {type(exc).__name__}: {exc}")
+                    continue
+                inflight[ref] = (name, work, time.monotonic())
+                busy.add(name)
+            if not inflight:
+                rlog.wait_for_work(SENDER_IDLE_S)
+                continue
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=SENDER_IDLE_S)
+            for ref in ready:
+                name, work, _ = inflight.pop(ref)
+                busy.discard(name)
+                try:
+                    reply = ray.get(ref)
+                except Exception as exc:
+                    handles.pop(name, None)
+                    rlog.on_failure(name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}")
+                    continue
+                rlog.on_reply(name, work, reply)
+                if reply.get("status") == "fenced" and int(reply.get("term") or 0) > term:
+                    threading.Thread(target=self.fence, args=(int(reply["term"]),), daemon=True).start()
+            now = time.monotonic()
+            for ref, (name, _work, sent) in list(inflight.items()):
+                if now - sent > REPLICATION_CALL_TIMEOUT_S:
+                    inflight.pop(ref)
+                    busy.discard(name)
+                    handles.pop(name, None)
+                    rlog.on_failure(name, f"no reply within {REPLICATION_CALL_TIMEOUT_S:.0f} s")
+
+    @staticmethod
+    def _submit(handle: Any, work: Work, term: int) -> Any:
+        if work.kind == "probe":
+            return handle.standby_position.remote()
+        if work.kind == "segments":
+            return handle.receive_segments.remote(work.segments, term)
+        snap = work.snapshot
+        assert snap is not None
+        return handle.receive_snapshot_chunk.remote(
+            generation=snap.generation, index=snap.index, offset=work.offset, data=work.data, size=snap.size,
+            sha256=snap.sha256, term=term, created_at=snap.created_at)
+
+    # --- synchronous mode ------------------------------------------------------------------------
+
+    def _confirmed(self) -> str | None:
+        """In synchronous mode, None once a standby holds everything committed so far, else
+        why the caller must not be told its write is safe."""
+        p = self.partition
+        if p is None or self.replication is None or p.cfg.replication.sync_standbys < 1:
+            return None
+        need = p.cfg.replication.sync_standbys
+        position = p.store.stream.position()
+        if self.replication.wait_acked(position, need, p.cfg.replication.sync_timeout_s):
+            return None
+        return (f"committed on the primary but not yet confirmed by {need} standby within "
+                f"{p.cfg.replication.sync_timeout_s:.1f} s (synchronous replication); resend")
+
+    # --- the primary's API (what gateways call) -------------------------------------------------
 
     @_serialised
     def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        answers = self.partition.handle_batch(items)
+        partition = self._require_primary()
+        answers = partition.handle_batch(items)
+        unconfirmed = self._confirmed()
+        if unconfirmed is not None:
+            answers = [{"error": {"code": "unavailable", "reason": unconfirmed}} for _ in answers]
         self._batch.observe(len(items), tags=self._tags)
         counts: dict[str, int] = {}
         for item in items:
@@ -82,7 +275,7 @@ class Primary:
         """Envoy status counts for the dashboard, at most every STATUS_EXPORT_S (it reads
         every envoy row, so not on each batch)."""
         now = time.monotonic()
-        if now < self._next_status_export:
+        if now < self._next_status_export or self.partition is None:
             return
         self._next_status_export = now + STATUS_EXPORT_S
         status = self.partition.admin("status", {})
@@ -90,12 +283,27 @@ class Primary:
             self._envoys.set(n, tags={**self._tags, "status": name})
         self._queued.set(status["queued_reports"], tags=self._tags)
 
+    def _export_lag(self) -> None:
+        rlog, partition = self.replication, self.partition
+        if rlog is not None:
+            for s in rlog.status():
+                self._lag.set(float(s["lag_bytes"]), tags={**self._tags, "standby": s["name"]})
+        if partition is not None and partition.archiver is not None:
+            self._archive_lag.set(float(partition.archiver.status()["lag_s"]), tags=self._tags)
+
     @_serialised
     def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Admin answers travel as {"ok": result} or {"error": {...}}: a user mistake is data,
         not an exception that Ray would wrap in a traceback."""
         try:
-            return {"ok": self.partition.admin(op, args)}
+            partition = self._require_primary()
+            result = partition.admin(op, args)
+            if op == "status":
+                result["replication"] = self.replication_status()
+            unconfirmed = self._confirmed()
+            if unconfirmed is not None:
+                return {"error": {"code": "unavailable", "reason": unconfirmed}}
+            return {"ok": result}
         except (ProtocolError, VigoError) as exc:
             return {"error": error_of(exc)}
         except Exception as exc:  # a bug or a failing disk: the operator needs the traceback
@@ -104,20 +312,102 @@ class Primary:
 
     @_serialised
     def gateway_material(self, hostnames: list[str] | None = None, ips: list[str] | None = None) -> dict[str, Any]:
-        return self.partition.gateway_material(hostnames, ips)
+        return self._require_primary().gateway_material(hostnames, ips)
 
     @_serialised
     def bundle_bytes(self, serial: int) -> bytes:
-        return self.partition.bundle_bytes(serial)
+        return self._require_primary().bundle_bytes(serial)
 
     @_serialised
     def revocations(self) -> list[dict[str, Any]]:
-        return self.partition.revocations().to_list()
+        return self._require_primary().revocations().to_list()
 
     @_serialised
     def ping(self) -> dict[str, Any]:
-        return {"partition": self.partition.cfg.partition, "term": self.partition.term}
+        info = self.member_info()
+        return {"partition": self.partition_name, **info}
+
+    # --- the replication API (what the primary and `server promote` call) -------------------------
+
+    def member_info(self) -> dict[str, Any]:
+        if self.partition is not None:
+            stream = self.partition.store.stream
+            pos = stream.position()
+            return {"name": self.name, "role": "primary", "term": self.partition.term,
+                    "position": list(pos) if pos else None,
+                    "committed_at": self.replication.head_at if self.replication else None}
+        core = self.standby
+        assert core is not None
+        st = core.applier.state
+        return {"name": self.name, "role": "standby", "term": core.term,
+                "position": list(core.applier.position()) if st else None,
+                "committed_at": st.committed_at if st else None}
+
+    @_serialised
+    def standby_position(self) -> dict[str, Any]:
+        if self.standby is None:
+            return {"status": "fenced" if self.partition else "need_snapshot", "position": None,
+                    "term": self.partition.term if self.partition else 0,
+                    "reason": f"{self.name} is a primary, not a standby"}
+        return self.standby.reply()
+
+    @_serialised
+    def receive_segments(self, segments: list[Any], term: int) -> dict[str, Any]:
+        if self.standby is None and not self._yield_to(term):
+            return {"status": "fenced", "position": None, "term": self.partition.term,
+                    "reason": f"{self.name} is primary at term {self.partition.term} >= {term}"}
+        return self.standby.receive_segments(segments, term)
+
+    @_serialised
+    def receive_snapshot_chunk(self, **chunk: Any) -> dict[str, Any]:
+        if self.standby is None and not self._yield_to(int(chunk["term"])):
+            return {"status": "fenced", "position": None, "term": self.partition.term,
+                    "reason": f"{self.name} is primary at term {self.partition.term}"}
+        return self.standby.receive_snapshot_chunk(**chunk)
+
+    def _yield_to(self, term: int) -> bool:
+        """A primary hearing from a higher term was replaced while it was away: step down."""
+        if self.partition is not None and term > self.partition.term:
+            self._become_standby(f"fenced: replication at term {term} > own term {self.partition.term}")
+            return True
+        return False
+
+    @_serialised
+    def fence(self, term: int) -> dict[str, Any]:
+        """A promotion elsewhere is at ``term``: a primary below it stops writing and becomes a
+        standby; a standby records the term so it refuses the old primary's stream."""
+        if self.partition is not None and term > self.partition.term:
+            self._become_standby(f"fenced by a promotion to term {term}")
+        if self.standby is not None:
+            self.standby.observe_term(term)
+        return self.member_info()
+
+    @_serialised
+    def promote(self, term: int, standbys: list[str]) -> dict[str, Any]:
+        """Become the primary at ``term`` serving what this standby holds, feeding ``standbys``."""
+        if self.partition is not None:
+            if term > self.partition.term:
+                self.partition.set_term(term)
+            return self.member_info()
+        started = time.monotonic()
+        held = self.member_info()
+        self.standby.observe_term(term)
+        self._become_primary(standbys=standbys, term=term)
+        info = self.member_info()
+        info.update({"held": held, "promotion_s": round(time.monotonic() - started, 3)})
+        return info
+
+    def replication_status(self) -> dict[str, Any]:
+        if self.replication is None:
+            return {"mode": "none", "standbys": []}
+        cfg = self.partition.cfg.replication
+        return {"mode": "synchronous" if cfg.sync_standbys else "asynchronous",
+                "head": list(self.replication.head) if self.replication.head else None,
+                "standbys": self.replication.status()}
 
     def __repr__(self) -> str:
-        p = getattr(self, "partition", None)
-        return f"vigo-primary[{p.cfg.partition} term {p.term}]" if p else "vigo-primary[starting]"
+        if getattr(self, "partition", None) is not None:
+            return f"vigo-primary[{self.partition_name} term {self.partition.term}]"
+        if getattr(self, "standby", None) is not None:
+            return f"vigo-standby[{self.partition_name} term {self.standby.term}]"
+        return "vigo-member[starting]"

@@ -197,24 +197,68 @@ Next:
 @app.command("deploy")
 def deploy_cmd(
     config: Annotated[Path, typer.Option("--config", help="server.yaml (see docs/configuration.md)")],
-    host: Annotated[str | None, typer.Option("--host", help="vigo-host label of the node holding data_dir (default: this host)")] = None,
+    host: Annotated[str | None, typer.Option("--host", help="vigo-host label of the node holding the primary's data_dir (default: this host)")] = None,
+    control_host: Annotated[str | None, typer.Option("--control-host", help="vigo-host label for the control actor (default: --host); pick a host that outlives the primary's, e.g. the Ray head's, when replication is on")] = None,
+    gateway_hosts: Annotated[list[str] | None, typer.Option("--gateway-host", help="vigo-host label of a node to run a gateway on (repeatable; default: every labelled node)")] = None,
+    ray_address: Annotated[str, typer.Option("--ray-address", help="GCS address of the cluster (default: the one this node belongs to)")] = "auto",
     as_json: JsonFlag = False,
 ) -> None:
-    """Deploy control, the primary and one gateway per labelled node onto the Ray cluster this
-    machine belongs to (run on a cluster node; `cluster.yaml` does it after `ray up`)."""
+    """Deploy control, the partition's primary, its standbys (replication.standbys in
+    server.yaml) and one gateway per labelled node onto the Ray cluster this machine belongs to
+    (run on a cluster node; `cluster.yaml` does it after `ray up`). Re-running it is safe: actors
+    that exist are kept, and a partition that was failed over keeps its current primary."""
     from vigo import config as config_mod
 
     cfg = config_mod.load(config)
-    _connect_ray()
+    _connect_ray(ray_address)
     from vigo.actors.deploy import deploy
 
-    deployed = deploy(cfg, host=host)
+    deployed = deploy(cfg, host=host, control_host=control_host, gateway_hosts=gateway_hosts or None)
     if as_json:
         output.emit_json(deployed)
     else:
         typer.echo(output.kv([("partition", deployed["partition"]), ("term", deployed["term"]),
                               ("primary", deployed["primary"]),
+                              ("standbys", ", ".join(deployed["standbys"]) or "none"),
                               *[(f"gateway {n}", e) for n, e in deployed["gateways"].items()]]))
+
+
+@app.command("promote")
+def promote_cmd(
+    partition: Annotated[str, typer.Option("--partition", help="partition whose standby becomes primary")] = "p0",
+    standby: Annotated[str | None, typer.Option("--standby", help="standby actor to promote, e.g. standby-p0-hostb (default: the one holding the newest commit)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="promote even if the chosen standby is behind a primary that still answers (what it lacks is lost)")] = False,
+    ray_address: Annotated[str, typer.Option("--ray-address", help="GCS address of the cluster (default: the one this node belongs to)")] = "auto",
+    as_json: JsonFlag = False,
+) -> None:
+    """Make a standby the partition's primary: the term goes up by one, every member that
+    answers is fenced at the new term (an old primary stops writing and rejoins as a standby when
+    it comes back), the topology routes every gateway to the new primary, and envoys' next
+    check-in lands there without re-joining. Refuses (exit 5) when the chosen standby is behind a
+    primary that still answers, when the standby is unknown, or when there is none.
+    Run on a node of the cluster; see docs/operations.md."""
+    _connect_ray(ray_address)
+    from vigo.actors.failover import promote
+
+    result = promote(partition, standby, force=force)
+    if as_json:
+        output.emit_json(result)
+        return
+    typer.echo(output.kv([
+        ("partition", result["partition"]),
+        ("new primary", f"{result['new_primary']} at term {result['term']}"),
+        ("old primary", f"{result['old_primary']} ({'alive, fenced' if result['old_primary_alive'] else 'unreachable; fenced when it returns'})"),
+        ("state held", _pos_text(result["held"])),
+        ("primary was at", _pos_text(result["primary_position"]) if result["primary_position"] else "unknown (unreachable)"),
+        ("gateways rerouted", ", ".join(result["gateways"]) or "none (they re-resolve at their next call)"),
+        ("took", f"{result['total_s']} s (promotion {result['promotion_s']} s)"),
+    ]))
+
+
+def _pos_text(pos: list | None) -> str:
+    if not pos:
+        return "nothing"
+    return f"generation {pos[0]} index {int(pos[1]):08x} offset {pos[2]}"
 
 
 @app.command("status")
@@ -239,8 +283,23 @@ def status(address: Address = client.DEFAULT_ADDRESS, as_json: JsonFlag = False)
         ("CA fingerprint", info["ca_fingerprint"]),
         ("signing key", info["signing_key_id"]),
         *_stream_rows(info.get("stream") or {}),
+        *_replication_rows(info.get("replication") or {}),
         *[(f"gateway {g['name']}", g["endpoint"]) for g in info["gateways"]],
     ]))
+
+
+def _replication_rows(rep: dict) -> list[tuple[str, object]]:
+    """Standbys with their position, lag and sync state for `server status`."""
+    if not rep or rep.get("mode") == "none":
+        return [("replication", "none (no standbys in server.yaml)")]
+    rows: list[tuple[str, object]] = [("replication", rep["mode"])]
+    for s in rep["standbys"]:
+        lag = "unknown" if s["lag_s"] is None else f"{s['lag_s']:.3f} s"
+        state = "in sync" if s["in_sync"] else ("resyncing (snapshot)" if s["needs_snapshot"] else "catching up")
+        if s["last_error"]:
+            state += f"; {s['last_error']}"
+        rows.append((f"standby {s['name']}", f"{_pos_text(s['position'])}; lag {s['lag_bytes']} bytes, {lag}; {state}"))
+    return rows
 
 
 def _stream_rows(stream: dict) -> list[tuple[str, object]]:

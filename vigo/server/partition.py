@@ -541,6 +541,15 @@ class Partition:
         log.info("archiving partition %s to %s every %.1f s", self.cfg.partition, target.url, cfg.sync_interval_s)
         return self.archiver.status()
 
+    def set_term(self, term: int) -> None:
+        """Adopt a higher term (at promotion): from now on every answer and bundle carries it."""
+        if term <= self.term:
+            raise StoreError(f"term {term} is not above the current term {self.term}")
+        with self.store.write() as db:
+            self.store.set_meta(db, "term", term)
+        log.info("partition %s now at term %d (was %d)", self.cfg.partition, term, self.term)
+        self.term = term
+
     def tick(self) -> None:
         """Periodic upkeep from the primary's loop: checkpoint when the WAL is long, snapshot
         when the archive's schedule says so."""
