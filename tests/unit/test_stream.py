@@ -61,7 +61,7 @@ def _replay(tmp_path: Path, rec: Recorder, snapshot_no: int = 0, name: str = "re
     applier = Applier(tmp_path / f"{name}.db", tmp_path / f"{name}.json")
     applier.install_snapshot(copy, snap.generation, snap.index)
     for seg in rec.segments:
-        if (seg.generation, seg.index) >= (snap.generation, snap.index):
+        if seg.generation == snap.generation and seg.index >= snap.index:
             applier.accept(seg, durable=False)
     return applier
 

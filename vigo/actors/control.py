@@ -38,7 +38,8 @@ class Control:
         os.replace(tmp, self.path)
 
     def register_partition(self, partition: str, primary: str, term: int, data_dir: str,
-                           standbys: list[str] | None = None, failover: dict[str, Any] | None = None) -> dict[str, Any]:
+                           standbys: list[str] | None = None, failover: dict[str, Any] | None = None,
+                           hosts: dict[str, str] | None = None) -> dict[str, Any]:
         """Record a deployed partition. A redeploy never moves the primary back: once a
         promotion happened, the topology's primary and term stand."""
         entry = self.topology["partitions"].setdefault(partition, {"standbys": [], "history": []})
@@ -49,6 +50,7 @@ class Control:
             entry.update({"primary": primary, "term": int(term), "data_dir": data_dir})
             entry["standbys"] = sorted(set(standbys or []) - {primary})
         entry["failover"] = failover or {"auto": False, "after_s": 5.0}
+        entry.setdefault("hosts", {}).update(hosts or {})  # member name -> vigo-host label
         self._save()
         self._start_watchdog()
         return entry

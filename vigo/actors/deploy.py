@@ -89,8 +89,10 @@ def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | Non
     for name, member_host, role in members:
         member_cfg = cfg.to_dict()
         member_cfg["data_dir"] = member_data_dir(cfg, member_host)
+        # A few threads: methods still run one at a time under the member's lock, but a ping
+        # (`server promote` asking where a member is) answers while a long call runs.
         handles[name] = ray.remote(Primary).options(
-            name=name, num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: member_host}, **common,
+            name=name, num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: member_host}, max_concurrency=8, **common,
         ).remote(member_cfg["data_dir"], member_cfg, name, role)
     current = route["primary"] if route else primary_name
     ping = ray.get(handles.get(current, handles[primary_name]).ping.remote(), timeout=timeout_s)
@@ -98,7 +100,8 @@ def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | Non
         ray.get(handles[name].ping.remote(), timeout=timeout_s)
     failover = {"auto": cfg.replication.auto_failover, "after_s": cfg.replication.failover_after_s}
     ray.get(control.register_partition.remote(cfg.partition, primary_name, ping["term"],
-                                              member_data_dir(cfg, host), standby_names, failover))
+                                              member_data_dir(cfg, host), standby_names, failover,
+                                              {name: member_host for name, member_host, _ in members}))
 
     gateways = {}
     for label in sorted(set(gateway_hosts or labels.values())):

@@ -322,8 +322,9 @@ class Primary:
     def revocations(self) -> list[dict[str, Any]]:
         return self._require_primary().revocations().to_list()
 
-    @_serialised
     def ping(self) -> dict[str, Any]:
+        # Lock-free on purpose: `server promote` asks members where they are with a short
+        # timeout, and a member busy applying a large message must still answer.
         info = self.member_info()
         return {"partition": self.partition_name, **info}
 
@@ -333,13 +334,13 @@ class Primary:
         if self.partition is not None:
             stream = self.partition.store.stream
             pos = stream.position()
-            return {"name": self.name, "role": "primary", "term": self.partition.term,
+            return {"name": self.name, "role": "primary", "term": self.partition.term, "pid": os.getpid(),
                     "position": list(pos) if pos else None,
                     "committed_at": self.replication.head_at if self.replication else None}
         core = self.standby
         assert core is not None
         st = core.applier.state
-        return {"name": self.name, "role": "standby", "term": core.term,
+        return {"name": self.name, "role": "standby", "term": core.term, "pid": os.getpid(),
                 "position": list(core.applier.position()) if st else None,
                 "committed_at": st.committed_at if st else None}
 
@@ -352,7 +353,21 @@ class Primary:
         return self.standby.reply()
 
     @_serialised
+    def inject_fault(self, kind: str, value: float) -> dict[str, Any]:
+        """Fault injection for drills and tests. ``standby_apply_delay_s``: a standby sleeps this
+        long before applying each message (a slow disk or link), so it falls behind on purpose."""
+        if kind != "standby_apply_delay_s":
+            raise ValueError(f"unknown fault {kind!r} (known: standby_apply_delay_s)")
+        self._apply_delay_s = float(value)
+        return {"fault": kind, "value": self._apply_delay_s}
+
     def receive_segments(self, segments: list[Any], term: int) -> dict[str, Any]:
+        if getattr(self, "_apply_delay_s", 0.0) > 0:
+            time.sleep(self._apply_delay_s)  # outside the lock: the member still answers pings
+        return self._receive_segments(segments, term)
+
+    @_serialised
+    def _receive_segments(self, segments: list[Any], term: int) -> dict[str, Any]:
         if self.standby is None and not self._yield_to(term):
             return {"status": "fenced", "position": None, "term": self.partition.term,
                     "reason": f"{self.name} is primary at term {self.partition.term} >= {term}"}
