@@ -109,6 +109,9 @@ def start(
     port: Annotated[int, typer.Option("--port", help="gateway TCP port (TLS)")] = 7700,
     dashboard_port: Annotated[int, typer.Option("--dashboard-port", help="Ray dashboard port")] = 8265,
     ray_port: Annotated[int, typer.Option("--ray-port", help="Ray GCS port of the dev head")] = 6379,
+    archive: Annotated[str | None, typer.Option("--archive", help="archive URL (file:///path or s3://bucket/prefix); default file://DATA_DIR-archive")] = None,
+    archive_endpoint: Annotated[str | None, typer.Option("--archive-endpoint", help="S3-compatible endpoint for an s3:// --archive (credentials from the usual AWS_* sources)")] = None,
+    archive_interval: Annotated[float, typer.Option("--archive-interval", help="seconds between archive uploads (archive.sync_interval_s)")] = 1.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Start a development server: a local Ray head with its dashboard, the control, primary
@@ -152,6 +155,12 @@ def start(
         from vigo.actors.deploy import deploy
 
         cfg = config_mod.ServerConfig.local(data_dir, port)
+        if archive is not None:
+            cfg.archive.url = archive
+        else:  # the dev default, file://DATA_DIR-archive: a target's folder must exist, like a bucket
+            Path(f"{data_dir}-archive").mkdir(mode=0o700, exist_ok=True)
+        cfg.archive.endpoint_url = archive_endpoint or ""
+        cfg.archive.sync_interval_s = archive_interval
         deployed = deploy(cfg, host=host)
     except BaseException:
         # Leave nothing half-started behind: the head we just started goes too.
@@ -310,7 +319,8 @@ def _stream_rows(stream: dict) -> list[tuple[str, object]]:
         rows.append(("stream position", f"generation {pos[0]} index {pos[1]:08x} offset {pos[2]}"))
     archive = stream.get("archive")
     if archive is None:
-        rows.append(("archive", "off (set archive.url in server.yaml)"))
+        error = stream.get("archive_error")
+        rows.append(("archive", f"NOT ARCHIVING: {error}" if error else "off (set archive.url in server.yaml)"))
         return rows
     state = "BEHIND: spool over its bound" if archive["spool_over_bound"] else (
         f"failing: {archive['last_error']}" if archive["last_error"] else "ok")

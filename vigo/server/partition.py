@@ -77,6 +77,7 @@ class Partition:
         self.term = int(self.store.get_meta("term", 1))
         self.store.stream.term = lambda: self.term
         self.archiver = None  # set by start_archive(): the primary actor runs it, unit tests need not
+        self.archive_error: str | None = None
         self.ca = FleetCA(self._tree("tls", "ca.key"), self._tree("tls", "ca.pem"))
         self.signing_key = serialization.load_pem_private_key(self._tree("secrets", "bundle-signing.key"), None)
         self.secrets = SecretBox(self._tree("secrets", "master.key"))
@@ -532,7 +533,13 @@ class Partition:
         from vigo.snapshots.archiver import Archiver
         from vigo.snapshots.targets import open_target
 
-        target = open_target(cfg.url, endpoint_url=cfg.endpoint_url or None)
+        try:
+            target = open_target(cfg.url, endpoint_url=cfg.endpoint_url or None)
+        except VigoError as exc:
+            # Serving never stops for the archive: say it loudly, show it in `server status`.
+            log.error("ARCHIVE OFF: cannot use archive.url %s: %s", cfg.url, exc)
+            self.archive_error = str(exc)
+            return None
         self.archiver = Archiver(
             target, self.store.data_dir / "archive-spool", partition=self.cfg.partition,
             sync_interval_s=cfg.sync_interval_s, snapshot_interval_s=cfg.snapshot_interval_s,
@@ -564,6 +571,7 @@ class Partition:
         return {
             "position": list(stream.position()) if stream.position() else None,
             "archive": self.archiver.status() if self.archiver is not None else None,
+            "archive_error": self.archive_error,
         }
 
     def close(self) -> None:
