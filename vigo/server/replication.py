@@ -267,12 +267,14 @@ class ReplicationLog:
                                 if t.acked is None or t.acked[0] != s.generation or (s.index, s.end) > _pos_key(t.acked))
                 behind = [s for s in self.segments if t.acked and t.acked[0] == s.generation
                           and (s.index, s.end) > _pos_key(t.acked)]
+                lag_commits = sum(1 for s in behind for c in s.commits if (s.index, c[0]) > _pos_key(t.acked))
                 lag_s = max(0.0, self.clock() - behind[0].commits[0][2]) if behind else 0.0
                 if t.acked is None or (self.head and t.acked[0] != self.head[0]):
                     lag_s = max(0.0, self.clock() - t.committed_at) if t.committed_at else None
                 out.append({
                     "name": t.name, "position": list(t.acked) if t.acked else None, "in_sync": t.in_sync,
-                    "lag_bytes": lag_bytes, "lag_s": None if lag_s is None else round(lag_s, 3),
+                    "lag_bytes": lag_bytes, "lag_commits": lag_commits,
+                    "lag_s": None if lag_s is None else round(lag_s, 3),
                     "acked_at": t.acked_at or None, "needs_snapshot": t.needs_snapshot, "resyncs": t.resyncs,
                     "last_error": t.last_error,
                 })
