@@ -68,6 +68,17 @@ class SimCluster:
         return deploy(cfg, host=primary_host, control_host="head", gateway_hosts=["head"],
                       control_dir=str(self.root / "control"))
 
+    def deploy_spanner(self, cfg: ServerConfig) -> dict[str, Any]:
+        from vigo.actors.deploy import deploy_spanner
+
+        return deploy_spanner(cfg, control_host="head", gateway_hosts=["head"], control_dir=str(self.root / "control"))
+
+    def gateway_admin(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        answer = ray.get(self.actor("gateway-head").admin.remote(op, args or {}), timeout=60)
+        if "error" in answer:
+            raise AssertionError(f"admin {op} failed: {answer['error']}")
+        return answer["ok"]
+
     def actor(self, name: str) -> Any:
         return ray.get_actor(name, namespace=NAMESPACE)
 

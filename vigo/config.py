@@ -118,6 +118,21 @@ class ReplicationConfig:
 
 
 @dataclass
+class SpannerConfig:
+    #: ``vigo-host`` labels of the bolts: each gets a bolt (``bolt-<label>``), a write-equal
+    #: primary with its own database serving its slice of the envoys. Empty: spanner is off.
+    bolts: list[str] = field(default_factory=list)
+    #: A bolt failing liveness this long leaves the live set and its envoys move, s.
+    suspicion_s: float = 4.0
+    #: A bolt that left may take its envoys back only this long after leaving (flap damping), s.
+    rejoin_hold_s: float = 60.0
+    #: How often a bolt pushes roster deltas to its peers, s (revocations go at once).
+    delta_interval_s: float = 0.25
+    #: How often a bolt compares per-shard roster digests with one peer (anti-entropy), s.
+    digest_interval_s: float = 2.0
+
+
+@dataclass
 class ServerConfig:
     #: Partition name this server serves (spanner and replication add more later).
     partition: str = "p0"
@@ -130,6 +145,7 @@ class ServerConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    spanner: SpannerConfig = field(default_factory=SpannerConfig)
 
     @classmethod
     def default(cls) -> ServerConfig:
@@ -225,6 +241,10 @@ _POSITIVE = {
     "replication.sync_timeout_s": (0.1, 3600),
     "replication.max_lag_bytes": (1024 * 1024, None),
     "replication.failover_after_s": (0.5, None),
+    "spanner.suspicion_s": (0.1, None),
+    "spanner.rejoin_hold_s": (0, None),
+    "spanner.delta_interval_s": (0.01, 60),
+    "spanner.digest_interval_s": (0.1, 3600),
 }
 
 

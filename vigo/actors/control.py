@@ -55,6 +55,13 @@ class Control:
         self._start_watchdog()
         return entry
 
+    def register_spanner(self, bolts: list[str], hosts: dict[str, str], ownership: dict[str, Any]) -> dict[str, Any]:
+        """Spanner: the bolts (each also registered as a partition) and the liveness damping
+        every gateway applies when it assigns envoys to them."""
+        self.topology["spanner"] = {"bolts": sorted(bolts), "hosts": hosts, "ownership": ownership}
+        self._save()
+        return self.topology["spanner"]
+
     def set_primary(self, partition: str, primary: str, term: int) -> dict[str, Any]:
         """Commit a promotion: ``primary`` serves ``partition`` from ``term`` on. The old primary
         becomes a standby (it rejoins as one when it comes back)."""

@@ -127,6 +127,69 @@ def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | Non
             "gateways": endpoints}
 
 
+def deploy_spanner(cfg: ServerConfig, *, control_host: str, gateway_hosts: list[str] | None = None,
+                   control_dir: str | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Create (or find) control, one bolt per ``spanner.bolts`` host and the gateways.
+
+    Each bolt is a primary with its own database in ``data_dir`` on its host (``{host}`` in the
+    path is replaced by the host's label), its own partition name (``bolt-<host>``) and its own
+    TLS server certificate. The fleet CA and the bundle-signing key are the first bolt's,
+    copied once into each other bolt's database by ``adopt_fleet_material`` over Ray's
+    authenticated channel: envoy certificates and bundles then verify at every bolt, and the
+    roster never carries a key.
+    """
+    from vigo.server.bolt import bolt_name
+
+    hosts = list(cfg.spanner.bolts)
+    if not hosts:
+        raise ConfigError("spanner.bolts is empty: list the vigo-host labels of the bolts in server.yaml")
+    labels = node_host_labels()
+    for needed in (control_host, *hosts, *(gateway_hosts or [])):
+        if needed not in labels.values():
+            raise ConfigError(f"no alive Ray node is labelled {HOST_LABEL}={needed} "
+                              f"(labels seen: {sorted(set(labels.values())) or 'none'})")
+    common = {"lifetime": "detached", "namespace": NAMESPACE, "max_restarts": -1, "get_if_exists": True}
+    control = ray.remote(Control).options(
+        name="control", num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: control_host}, **common,
+    ).remote(control_dir or member_data_dir(cfg, control_host))
+    ray.get(control.ping.remote(), timeout=timeout_s)
+
+    names = [bolt_name(h) for h in hosts]
+    handles = {}
+    for name, host in zip(names, hosts, strict=True):
+        member = cfg.to_dict()
+        member["partition"] = name
+        member["data_dir"] = member_data_dir(cfg, host)
+        member["replication"]["standbys"] = []
+        handles[name] = ray.remote(Primary).options(
+            name=name, num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: host}, max_concurrency=8, **common,
+        ).remote(member["data_dir"], member, name, "primary")
+    terms = {name: ray.get(h.ping.remote(), timeout=timeout_s)["term"] for name, h in handles.items()}
+    for name, host in zip(names, hosts, strict=True):
+        ray.get(control.register_partition.remote(name, name, terms[name], member_data_dir(cfg, host), [], None,
+                                                  {name: host}), timeout=timeout_s)
+    material = ray.get(handles[names[0]].fleet_material.remote(), timeout=timeout_s)
+    for name in names[1:]:
+        ray.get(handles[name].adopt_fleet_material.remote(material), timeout=timeout_s)
+    ownership = {"suspicion_s": cfg.spanner.suspicion_s, "rejoin_hold_s": cfg.spanner.rejoin_hold_s}
+    ray.get(control.register_spanner.remote(names, dict(zip(names, hosts, strict=True)), ownership), timeout=timeout_s)
+
+    endpoints = {}
+    for label in sorted(set(gateway_hosts or labels.values())):
+        name = f"gateway-{label}"
+        gw = ray.remote(Gateway).options(
+            name=name, num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: label}, max_concurrency=100000, **common,
+        ).remote(name, "spanner", cfg.listen.host, cfg.listen.port)
+        try:
+            endpoints[name] = ray.get(gw.status.remote(), timeout=timeout_s)["advertise"]
+        except Exception as exc:
+            ray.kill(gw, no_restart=True)
+            raise ConfigError(f"gateway {name} did not start on port {cfg.listen.port}: "
+                              f"{str(exc).strip().splitlines()[-1]}") from exc
+    log.info("deployed spanner bolts %s with gateways %s", names, endpoints)
+    return {"bolts": names, "gateways": endpoints}
+
+
 def teardown(timeout_s: float = 30.0) -> list[str]:
     """Kill the actors the control actor knows, then control itself (data dirs stay)."""
     try:

@@ -112,8 +112,19 @@ class Gateway:
     async def __init__(self, name: str, partition: str, host: str, port: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.name = name
-        self.backend = RayBackend(partition)
-        primary = await self.backend.resolve()
+        control = ray.get_actor("control", namespace=NAMESPACE)
+        spanner = (await control.get_topology.remote()).get("spanner")
+        if spanner:
+            # Spanner: every envoy to its owner bolt; the TLS material comes from any live bolt
+            # (they share the fleet CA).
+            from vigo.actors.spanner import SpannerBackend
+
+            self.backend = SpannerBackend(spanner["bolts"], spanner.get("ownership") or {})
+            await self.backend.start()
+            primary = ray.get_actor((self.backend.live() or spanner["bolts"])[0], namespace=NAMESPACE)
+        else:
+            self.backend = RayBackend(partition)
+            primary = await self.backend.resolve()
         node_ip = ray.util.get_node_ip_address()
         names = [socket.gethostname(), socket.getfqdn()] + ([host] if host not in ("0.0.0.0", "::", "") else [])
         ips = [node_ip] + ([host] if _is_ip(host) and host not in ("0.0.0.0", "::") else [])
@@ -171,8 +182,19 @@ class Gateway:
     async def status(self) -> dict[str, Any]:
         return {"name": self.name, "advertise": f"{self.advertise}:{self.server.port}", **self.server.status()}
 
+    async def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """The admin path without the TLS channel, for drivers on the cluster (tests, benchmarks)."""
+        return await self.backend.admin(op, args)
+
+    async def owners(self, envoy_ids: list[str]) -> dict[str, str | None]:
+        """Spanner: which bolt serves each envoy now, in this gateway's view."""
+        owner = getattr(self.backend, "owner", None)
+        return {e: owner(e) if owner else None for e in envoy_ids}
+
     async def reroute(self) -> int:
         """After a promotion: send everything to the new primary now, including waiting calls."""
+        if not hasattr(self.backend, "reroute"):
+            return 0
         moved = await self.backend.reroute()
         log.info("gateway %s rerouted to the new primary (term %d); %d waiting calls moved", self.name,
                  self.backend.term, moved)

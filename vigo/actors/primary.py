@@ -40,6 +40,10 @@ UPKEEP_INTERVAL_S = 1.0
 REPLICATION_CALL_TIMEOUT_S = 10.0
 #: Poll period of the sender when nothing is in flight (it is also woken by every commit), s.
 SENDER_IDLE_S = 0.05
+#: Spanner: how often a bolt's roster loop runs (pushes are further paced by the roster), s.
+ROSTER_TICK_S = 0.02
+#: Spanner: how often a bolt polls its peers' liveness, and how long it waits for an answer, s.
+LIVENESS_POLL_S = 0.5
 
 
 def _serialised(method):
@@ -63,6 +67,7 @@ class Primary:
         self.partition: Partition | None = None
         self.standby: StandbyCore | None = None
         self.replication: ReplicationLog | None = None
+        self.bolt: Any = None  # spanner: vigo.server.bolt.BoltCore when this member is a bolt
         self._stop = threading.Event()
         self._sender_stop = threading.Event()
         route = self._route()
@@ -125,8 +130,22 @@ class Primary:
             self._sender_stop = threading.Event()  # one per sender: an old one may still be winding down
             threading.Thread(target=self._send_loop, args=(self.replication, self._sender_stop),
                              name="vigo-replication", daemon=True).start()
+        self._start_bolt()
         log.info("%s is primary of %s at term %d (standbys: %s)", self.name, self.partition_name,
                  self.partition.term, ", ".join(names) or "none")
+
+    def _start_bolt(self) -> None:
+        """Spanner: attach the admissions roster and start replicating it with the sibling bolts."""
+        from vigo.server.bolt import BoltCore, bolt_name
+
+        cfg = self.partition.cfg
+        bolts = [bolt_name(h) for h in cfg.spanner.bolts]
+        if self.name not in bolts:
+            return
+        self.bolt = BoltCore(self.partition, self.name, bolts, cfg.spanner)
+        self._roster_stop = threading.Event()
+        threading.Thread(target=self._roster_loop, args=(self.bolt, [b for b in bolts if b != self.name],
+                                                         self._roster_stop), name="vigo-roster", daemon=True).start()
 
     def _configured_standbys(self) -> list[str]:
         cfg = self.partition.cfg if self.partition else self.cfg
@@ -134,6 +153,9 @@ class Primary:
 
     def _become_standby(self, reason: str) -> None:
         self._sender_stop.set()
+        if self.bolt is not None:
+            self._roster_stop.set()
+            self.bolt = None
         self.replication = None
         if self.partition is not None:
             self.partition.close()
@@ -168,6 +190,8 @@ class Primary:
                 with self._lock:
                     if self.partition is not None:
                         self.partition.tick()
+                        if self.bolt is not None:
+                            self.bolt.save()
                         if self.replication is not None and self.replication.snapshot_wanted:
                             self.partition.store.stream.snapshot()
                 self._export_lag()
@@ -225,6 +249,93 @@ class Primary:
                     busy.discard(name)
                     handles.pop(name, None)
                     rlog.on_failure(name, f"no reply within {REPLICATION_CALL_TIMEOUT_S:.0f} s")
+
+    def _roster_loop(self, core: Any, peers: list[str], stop: threading.Event) -> None:
+        """Spanner: poll peers' liveness, push roster deltas and digests, route the answers.
+        Messages are fire-and-forget: the roster tolerates loss, duplication and reordering."""
+        import ray
+
+        from vigo.actors import NAMESPACE
+
+        handles: dict[str, Any] = {}
+        inflight: dict[Any, str] = {}
+        next_poll = 0.0
+
+        def handle(peer: str) -> Any | None:
+            if peer not in handles:
+                try:
+                    handles[peer] = ray.get_actor(peer, namespace=NAMESPACE)
+                except ValueError:
+                    return None
+            return handles[peer]
+
+        def route(out: list[tuple[str, bytes]]) -> None:
+            while out:
+                peer, data = out.pop()
+                if peer == self.name:
+                    out.extend(core.receive(data))
+                    continue
+                h = handle(peer)
+                if h is not None and len(inflight) < 1000:
+                    inflight[h.roster_receive.remote(data)] = peer
+
+        while not stop.wait(ROSTER_TICK_S):
+            try:
+                now = time.monotonic()
+                if now >= next_poll:
+                    next_poll = now + LIVENESS_POLL_S
+                    pings = {h.bolt_ping.remote(): p for p in peers if (h := handle(p)) is not None}
+                    ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=LIVENESS_POLL_S) if pings else ([], [])
+                    alive = [self.name]
+                    for ref in ready:
+                        try:
+                            ray.get(ref)
+                            alive.append(pings[ref])
+                        except Exception:
+                            handles.pop(pings[ref], None)
+                    core.set_live(alive)
+                route(core.tick())
+                if inflight:
+                    done, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
+                    for ref in done:
+                        peer = inflight.pop(ref)
+                        try:
+                            route(list(ray.get(ref)))
+                        except Exception:
+                            handles.pop(peer, None)  # lost: the roster resends or repairs
+            except Exception:
+                log.exception("%s roster loop round failed", self.name)
+
+    def bolt_ping(self) -> dict[str, Any]:
+        """Lock-free liveness answer for sibling bolts and gateways."""
+        bolt = self.bolt
+        return {"name": self.name, "bolt": bolt is not None, "ready": bool(bolt and bolt.ready)}
+
+    def roster_receive(self, data: bytes) -> list[tuple[str, bytes]]:
+        """A roster message from a sibling; returns the messages it causes (acks, repairs)."""
+        bolt = self.bolt
+        if bolt is None:
+            return []
+        return bolt.receive(data)
+
+    @_serialised
+    def bolt_info(self) -> dict[str, Any]:
+        if self.bolt is None:
+            return {"name": self.name, "bolt": False}
+        info = self.bolt.stats()
+        info["name"] = self.name
+        info["bundle_serial"] = self.partition.current_serial()
+        info["envoys_here"] = self.partition.store.one("SELECT COUNT(*) FROM envoys")[0]
+        info["runs_here"] = self.partition.store.one("SELECT COUNT(*) FROM runs")[0]
+        return info
+
+    @_serialised
+    def fleet_material(self) -> dict[str, bytes]:
+        return self._require_primary().fleet_material()
+
+    @_serialised
+    def adopt_fleet_material(self, material: dict[str, bytes]) -> bool:
+        return self._require_primary().adopt_fleet_material(material)
 
     @staticmethod
     def _submit(handle: Any, work: Work, term: int) -> Any:

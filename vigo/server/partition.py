@@ -78,6 +78,8 @@ class Partition:
         self.store.stream.term = lambda: self.term
         self.archiver = None  # set by start_archive(): the primary actor runs it, unit tests need not
         self.archive_error: str | None = None
+        #: Spanner: the bolt's roster (vigo.server.bolt.BoltCore) when this partition is a bolt.
+        self.admissions_hook: Any = None
         self.ca = FleetCA(self._tree("tls", "ca.key"), self._tree("tls", "ca.pem"))
         self.signing_key = serialization.load_pem_private_key(self._tree("secrets", "bundle-signing.key"), None)
         self.secrets = SecretBox(self._tree("secrets", "master.key"))
@@ -156,6 +158,8 @@ class Partition:
         entries = [(r[0], int(r[1], 16) if r[1] else None) for r in self.store.query(
             "SELECT envoy_id, serial FROM certs WHERE revoked_at IS NOT NULL "
             "UNION SELECT id, NULL FROM envoys WHERE revoked_at IS NOT NULL")]
+        if self.admissions_hook is not None:
+            entries += [(envoy_id, None) for envoy_id in self.admissions_hook.revoked_ids()]
         return RevocationSet(entries)
 
     def current_serial(self) -> int | None:
@@ -216,7 +220,7 @@ class Partition:
             return self._join(db, body, now)
         if envoy_id is None:
             raise ProtocolError("unauthenticated", f"{kind} needs a client certificate from `vigo-envoy join`")
-        self._check_envoy(envoy_id, body)
+        self._check_envoy(db, envoy_id, body, now)
         if kind == "checkin":
             interval = self.cfg.checkin.interval_s
             fleet.record_checkin(db, envoy_id, body, interval_s=interval, now=now)
@@ -244,8 +248,27 @@ class Partition:
             return self._renew(db, envoy_id, body, now, item)
         raise ProtocolError("unknown_type", f"the primary does not handle {kind!r}")
 
-    def _check_envoy(self, envoy_id: str, body: dict[str, Any]) -> None:
+    def _check_envoy(self, db: apsw.Connection, envoy_id: str, body: dict[str, Any], now: float) -> None:
         row = self.store.one("SELECT revoked_at FROM envoys WHERE id = ?", (envoy_id,))
+        hook = self.admissions_hook
+        if hook is not None:
+            # Spanner: the replicated roster decides. A revocation made at any bolt counts here;
+            # an envoy admitted at a sibling is served here without re-joining.
+            from vigo.roster import State
+
+            state = hook.status(envoy_id)
+            if state is State.REVOKED:
+                raise RevokedError(f"envoy {envoy_id} was revoked (admissions roster)")
+            if row is None:
+                if state is not State.ADMITTED:
+                    raise AdmissionError(f"envoy {envoy_id} is not in the admissions roster of {self.cfg.partition} "
+                                         f"(state {state.value}); retry shortly if it just joined elsewhere")
+                traits = body.get("traits") if isinstance(body.get("traits"), dict) else {}
+                hostname = str(traits.get("hostname") or envoy_id)[:253]
+                db.execute("INSERT INTO envoys(id, hostname, joined_at, token_id, traits) VALUES (?,?,?,?,?)",
+                           (envoy_id, hostname, now, None, json.dumps(traits, sort_keys=True, default=str)))
+                log.info("envoy %s (admitted at a sibling bolt) is served here from now on", envoy_id)
+                row = (None,)
         if row is None:
             raise AdmissionError(f"envoy {envoy_id} is not known to partition {self.cfg.partition}")
         if row[0] is not None:
@@ -278,6 +301,8 @@ class Partition:
                    (envoy_id, hostname, now, spent.id, json.dumps(body.get("traits") or {}, sort_keys=True)))
         db.execute("INSERT INTO certs(serial, envoy_id, issued_at, not_after) VALUES (?,?,?,?)",
                    (format(issued.serial, "x"), envoy_id, now, issued.not_after))
+        if self.admissions_hook is not None:
+            self.admissions_hook.admitted(envoy_id, issued.cert_pem, issued.not_after)
         log.info("envoy %s (%s) joined with token %s", envoy_id, hostname, spent.id)
         return {
             "envoy_id": envoy_id,
@@ -314,6 +339,8 @@ class Partition:
         db.execute("DELETE FROM certs WHERE envoy_id = ? AND revoked_at IS NULL AND not_after < ?", (envoy_id, now))
         db.execute("INSERT INTO certs(serial, envoy_id, issued_at, not_after) VALUES (?,?,?,?)",
                    (format(issued.serial, "x"), envoy_id, now, issued.not_after))
+        if self.admissions_hook is not None:
+            self.admissions_hook.admitted(envoy_id, issued.cert_pem, issued.not_after)
         log.info("envoy %s renewed its certificate: serial %x valid until %s (was serial %s)", envoy_id,
                  issued.serial, _iso(issued.not_after), item.get("cert_serial") or "?")
         return {"certificate_pem": issued.cert_pem, "not_after": issued.not_after}
@@ -355,7 +382,9 @@ class Partition:
             "signing_key_id": key_id(self.signing_key.public_key()),
         }
 
-    def _admin_stack_push(self, files: dict[str, bytes], name: str = "stack") -> dict[str, Any]:
+    def _admin_stack_push(self, files: dict[str, bytes], name: str = "stack", serial: int | None = None) -> dict[str, Any]:
+        """Build, sign and store the pushed stack. ``serial`` (spanner) is the serial the push
+        gets at every bolt, so one serial always means one stack wherever an envoy is served."""
         if not isinstance(name, str) or not _STACK_NAME_RE.match(name):
             raise ProtocolError("bad_body", f"stack name must be a folder name (letters, digits, . _ -), got {name!r:.80}")
         if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, bytes) for k, v in files.items()):
@@ -374,7 +403,10 @@ class Partition:
                 target.write_bytes(data)
             stack = load_stack(root)
             secrets = self._secret_values(stack.secret_names())
-            serial = (self.current_serial() or 0) + 1
+            next_serial = (self.current_serial() or 0) + 1
+            if serial is not None and (not isinstance(serial, int) or serial < next_serial):
+                raise ProtocolError("conflict", f"stack.push serial {serial!r} is not above this partition's {next_serial - 1}")
+            serial = serial or next_serial
             built = bundle_mod.build(stack, signing_key=self.signing_key, serial=serial, term=self.term, secrets=secrets)
         limit = self.cfg.gateway.max_frame_bytes - FRAME_HEADROOM_BYTES
         if len(built.encode()) > limit:
@@ -392,7 +424,7 @@ class Partition:
             for rel, data in sorted(files.items()):
                 self.store.put_file(db, "stack", rel, data, mode=0o644)
             if unchanged:
-                return {**summary, "serial": serial - 1, "unchanged": True}
+                return {**summary, "serial": self.current_serial(), "unchanged": True}
             db.execute("INSERT INTO bundles(serial, version, term, pushed_at, summary, bundle, secrets_sealed) "
                        "VALUES (?,?,?,?,?,?,?)",
                        (serial, built.version, self.term, time.time(), json.dumps(summary),
@@ -425,6 +457,45 @@ class Partition:
                        (rec.id, rec.hash, rec.created_at, rec.expires_at, rec.uses_left, rec.uses_left, note))
         log.info("join token %s created (%d uses, expires %s)", rec.id, rec.uses_left, _iso(rec.expires_at))
         return {"id": rec.id, "token": token, "expires_at": rec.expires_at, "uses": rec.uses_left}
+
+    def _admin_token_install(self, id: str, hash: str, created_at: float, expires_at: float, uses: int,
+                             note: str = "") -> dict[str, Any]:
+        """Spanner: a token created at one bolt, installed at the others (by its hash only) so
+        any bolt that owns the join can spend it. Uses are counted by the bolt that serves it."""
+        with self.store.write() as db:
+            db.execute("INSERT INTO tokens(id, hash, created_at, expires_at, uses_left, uses_total, note) "
+                       "VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
+                       (id, hash, created_at, expires_at, uses, uses, note))
+        return {"id": id}
+
+    def fleet_material(self) -> dict[str, bytes]:
+        """The fleet CA and bundle-signing keys, for the other bolts at deploy (never an admin op)."""
+        return {path: self._tree(tree, path) for tree, path in (
+            ("tls", "ca.key"), ("tls", "ca.pem"), ("secrets", "bundle-signing.key"), ("secrets", "bundle-signing.pub"))}
+
+    def adopt_fleet_material(self, material: dict[str, bytes]) -> bool:
+        """Take the first bolt's CA and signing key (deploy, once): only while this bolt has
+        admitted nobody and pushed nothing, so no certificate or bundle of its own exists."""
+        trees = {"ca.key": "tls", "ca.pem": "tls", "bundle-signing.key": "secrets", "bundle-signing.pub": "secrets"}
+        if all(self.store.get_file(trees[p], p) == data for p, data in material.items()):
+            return False
+        envoys = self.store.one("SELECT COUNT(*) FROM envoys")[0]
+        bundles = self.store.one("SELECT COUNT(*) FROM bundles")[0]
+        if envoys or bundles:
+            raise ConfigError(f"bolt {self.cfg.partition} already has {envoys} envoys and {bundles} bundles under its "
+                              "own CA; it cannot adopt another fleet CA (start it from an empty data dir)")
+        ca = FleetCA(material["ca.key"], material["ca.pem"])
+        key_pem, cert_pem = ca.issue_server_cert(sorted({"localhost", socket.gethostname()}),
+                                                 sorted({"127.0.0.1", *_local_ips()}))
+        with self.store.write() as db:
+            for path, data in material.items():
+                self.store.put_file(db, trees[path], path, data, mode=0o644 if path.endswith((".pem", ".pub")) else 0o600)
+            self.store.put_file(db, "tls", "server.key", key_pem)
+            self.store.put_file(db, "tls", "server.pem", cert_pem, mode=0o644)
+        self.ca = ca
+        self.signing_key = serialization.load_pem_private_key(material["bundle-signing.key"], None)
+        log.info("bolt %s adopted the fleet CA %s", self.cfg.partition, ca.fingerprint()[:16])
+        return True
 
     def _admin_token_list(self) -> list[dict[str, Any]]:
         return [{"id": r[0], "created_at": r[1], "expires_at": r[2], "uses_left": r[3], "uses_total": r[4], "note": r[5]}
@@ -467,7 +538,15 @@ class Partition:
         return e
 
     def _admin_envoys_revoke(self, envoy_id: str) -> dict[str, Any]:
-        target = self._admin_envoys_show(envoy_id, runs=0)["id"]
+        hook = self.admissions_hook
+        try:
+            target = self._admin_envoys_show(envoy_id, runs=0)["id"]
+        except ProtocolError:
+            if hook is None or not re.fullmatch(r"[0-9a-f]{32}", envoy_id):
+                raise
+            target = envoy_id  # spanner: an envoy this bolt never served is revoked in the roster
+        if hook is not None:
+            hook.revoked(target)
         now = time.time()
         with self.store.write() as db:
             db.execute("UPDATE envoys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (now, target))
