@@ -147,3 +147,19 @@ def test_a_dead_bolt_moves_only_its_envoys_and_takes_them_back(sim, fleet):
     stored = set().union(*(runs_on(sim, h) for h in BOLTS))
     missing = set(fleet["produced"]) - stored
     assert not missing, f"{len(missing)} run reports lost"
+
+
+def test_spanner_status_reports_slices_and_convergence(sim, fleet, monkeypatch, capsys):
+    sim.wait("converged", lambda: all(b.get("digest_agreement") == 1.0 for b in
+                                      sim.gateway_admin("spanner.status")["bolts"].values()), timeout_s=30)
+    info = sim.gateway_admin("spanner.status")
+    bolts = info["bolts"]
+    assert sorted(bolts) == [f"bolt-{h}" for h in BOLTS]
+    assert sum(b["slice"] for b in bolts.values()) == len(fleet["envoys"]), "each admitted envoy is served once"
+    assert all(b["ready"] and b["states"]["revoked"] == 1 for b in bolts.values())
+    from vigo.cli import spanner as spanner_cli
+
+    monkeypatch.setattr(spanner_cli.client, "admin", lambda address, op, args=None: info)
+    spanner_cli.status(address="http://unused", as_json=False)
+    out = capsys.readouterr().out
+    assert "BOLT" in out and "bolt-a" in out and "1.00" in out and "quorum: yes" in out

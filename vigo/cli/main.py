@@ -35,7 +35,9 @@ def _app():
     app.add_typer(fleet.tokens, name="token")
     app.add_typer(secrets.app, name="secrets")
     app.add_typer(backup.app, name="backup")
-    from vigo.cli import restore
+    from vigo.cli import restore, spanner
+
+    app.add_typer(spanner.app, name="spanner")
 
     app.command("restore")(restore.restore)
     return app

@@ -220,6 +220,17 @@ def deploy_cmd(
 
     cfg = config_mod.load(config)
     _connect_ray(ray_address)
+    if cfg.spanner.bolts:
+        from vigo.actors.deploy import deploy_spanner
+
+        deployed = deploy_spanner(cfg, control_host=control_host or host or socket.gethostname(),
+                                  gateway_hosts=gateway_hosts or None)
+        if as_json:
+            output.emit_json(deployed)
+        else:
+            typer.echo(output.kv([("bolts", ", ".join(deployed["bolts"])),
+                                  *[(f"gateway {n}", e) for n, e in deployed["gateways"].items()]]))
+        return
     from vigo.actors.deploy import deploy
 
     deployed = deploy(cfg, host=host, control_host=control_host, gateway_hosts=gateway_hosts or None)
