@@ -175,7 +175,7 @@ def test_slow_and_silent_clients_do_not_hold_up_others(gw):
 
 
 def test_overload_answers_retry_after(tmp_path):
-    with running_gateway(tmp_path / "s", queue_max=1, batch_wait_ms=200) as gateway:
+    with running_gateway(tmp_path / "s", queue_max=1, batch_wait_ms=1000) as gateway:
         async def scenario():
             conns = []
             for _ in range(6):

@@ -82,8 +82,9 @@ class OpRecord:
 class _FullStateNode:
     """The state-based baseline: the whole roster to every peer on every push interval."""
 
-    def __init__(self, bolt: str, *, now: Callable[[], float], wall: Callable[[], float], config: SyncConfig) -> None:
-        self.replica = ReplicaId.fresh(bolt)
+    def __init__(self, bolt: str, *, now: Callable[[], float], wall: Callable[[], float], config: SyncConfig,
+                 incarnation: bytes) -> None:
+        self.replica = ReplicaId(bolt, incarnation)
         self.roster = Roster(self.replica, wall=wall)
         self.ready = True
         self._now = now
@@ -192,9 +193,10 @@ class Simulation:
     def _start(self, name: str, snapshot: Snapshot | None) -> None:
         if self.protocol == "delta":
             node: Any = Replica(name, now=self.clock, wall=self.wall, config=self.sync, snapshot=snapshot,
-                                rng=random.Random(self.rng.random()))
+                                rng=random.Random(self.rng.random()), incarnation=self.rng.randbytes(16))
         else:
-            node = _FullStateNode(name, now=self.clock, wall=self.wall, config=self.sync)
+            node = _FullStateNode(name, now=self.clock, wall=self.wall, config=self.sync,
+                                  incarnation=self.rng.randbytes(16))
         self.nodes[name] = node
         self.saved[name] = Snapshot(self.wall(), node.roster.dump())
         self.at(self.now + self.rng.uniform(0, self.tick_s), self._tick, name, node.replica)

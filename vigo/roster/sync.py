@@ -344,13 +344,21 @@ class Replica:
         config: SyncConfig | None = None,
         snapshot: Snapshot | None = None,
         rng: random.Random | None = None,
+        incarnation: bytes | None = None,
     ) -> None:
         self.config = config or SyncConfig.default()
         self.config.check()
         self._now = now
         self._wall = wall
         self._rng = rng or random.Random()
-        self.replica = ReplicaId.fresh(bolt_name)
+        # Fresh for every construction. Only a seeded simulation passes one (drawn from its own
+        # seeded generator, so a failing schedule replays exactly); a bolt never does.
+        if incarnation is None:
+            self.replica = ReplicaId.fresh(bolt_name)
+        elif isinstance(incarnation, bytes) and len(incarnation) == INCARNATION_BYTES:
+            self.replica = ReplicaId(ReplicaId.fresh(bolt_name).bolt, incarnation)
+        else:
+            raise RosterFormatError(f"incarnation: expected {INCARNATION_BYTES} bytes, got {_show(incarnation)}")
         self.snapshot_discarded_age_s: float | None = None
 
         shards: dict[int, bytes] = {}
@@ -421,7 +429,7 @@ class Replica:
         now = self._now()
         self._peers_known = True
         live = set(names) - {self.replica.bolt}
-        for name in live:
+        for name in sorted(live):  # sorted: peer order (and so random picks) independent of hashing
             peer = self._peers.get(name)
             if peer is None:
                 # A new peer holds back trimming from now on, for peer_silence_s at most.
