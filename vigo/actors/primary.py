@@ -351,35 +351,46 @@ class Primary:
 
     # --- synchronous mode ------------------------------------------------------------------------
 
-    def _confirmed(self) -> str | None:
-        """In synchronous mode, None once a standby holds everything committed so far, else
-        why the caller must not be told its write is safe."""
-        p = self.partition
-        if p is None or self.replication is None or p.cfg.replication.sync_standbys < 1:
+    def _confirmed(self, position: tuple[str, int, int] | None) -> str | None:
+        """In synchronous mode, None once a standby holds ``position`` (everything the caller
+        committed), else why the caller must not be told its write is safe. Called without the
+        member lock: other batches go on while this one waits for its standby."""
+        p, rlog = self.partition, self.replication
+        if p is None or rlog is None or p.cfg.replication.sync_standbys < 1:
             return None
         need = p.cfg.replication.sync_standbys
-        position = p.store.stream.position()
-        if self.replication.wait_acked(position, need, p.cfg.replication.sync_timeout_s):
+        if rlog.wait_acked(position, need, p.cfg.replication.sync_timeout_s):
             return None
         return (f"committed on the primary but not yet confirmed by {need} standby within "
                 f"{p.cfg.replication.sync_timeout_s:.1f} s (synchronous replication); resend")
 
+    def _position(self) -> tuple[str, int, int] | None:
+        return self.partition.store.stream.position() if self.partition is not None else None
+
     # --- the primary's API (what gateways call) -------------------------------------------------
 
-    @_serialised
+    #: Envoy requests whose acknowledgement promises durability, so in synchronous mode they
+    #: wait for a standby. A check-in only refreshes last-seen fields: it is answered at once.
+    DURABLE_TYPES = frozenset({"results", "join", "renew"})
+
     def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        partition = self._require_primary()
-        answers = partition.handle_batch(items)
-        unconfirmed = self._confirmed()
-        if unconfirmed is not None:
-            answers = [{"error": {"code": "unavailable", "reason": unconfirmed}} for _ in answers]
-        self._batch.observe(len(items), tags=self._tags)
-        counts: dict[str, int] = {}
-        for item in items:
-            counts[item["type"]] = counts.get(item["type"], 0) + 1
-        for kind, n in counts.items():
-            self._requests.inc(n, tags={**self._tags, "type": kind})
-        self._export_status()
+        with self._lock:
+            partition = self._require_primary()
+            answers = partition.handle_batch(items)
+            position = self._position()
+            self._batch.observe(len(items), tags=self._tags)
+            counts: dict[str, int] = {}
+            for item in items:
+                counts[item["type"]] = counts.get(item["type"], 0) + 1
+            for kind, n in counts.items():
+                self._requests.inc(n, tags={**self._tags, "type": kind})
+            self._export_status()
+        if any(item.get("type") in self.DURABLE_TYPES for item in items):
+            unconfirmed = self._confirmed(position)
+            if unconfirmed is not None:
+                answers = [{"error": {"code": "unavailable", "reason": unconfirmed}}
+                           if item.get("type") in self.DURABLE_TYPES else answer
+                           for item, answer in zip(items, answers, strict=True)]
         return answers
 
     def _export_status(self) -> None:
@@ -402,18 +413,21 @@ class Primary:
         if partition is not None and partition.archiver is not None:
             self._archive_lag.set(float(partition.archiver.status()["lag_s"]), tags=self._tags)
 
-    @_serialised
     def admin(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Admin answers travel as {"ok": result} or {"error": {...}}: a user mistake is data,
         not an exception that Ray would wrap in a traceback."""
         try:
-            partition = self._require_primary()
-            result = partition.admin(op, args)
-            if op == "status":
-                result["replication"] = self.replication_status()
-            unconfirmed = self._confirmed()
-            if unconfirmed is not None:
-                return {"error": {"code": "unavailable", "reason": unconfirmed}}
+            with self._lock:
+                partition = self._require_primary()
+                before = self._position()
+                result = partition.admin(op, args)
+                if op == "status":
+                    result["replication"] = self.replication_status()
+                after = self._position()
+            if after != before:  # it wrote: in synchronous mode a standby must hold it first
+                unconfirmed = self._confirmed(after)
+                if unconfirmed is not None:
+                    return {"error": {"code": "unavailable", "reason": unconfirmed}}
             return {"ok": result}
         except (ProtocolError, VigoError) as exc:
             return {"error": error_of(exc)}

@@ -247,16 +247,20 @@ class Archiver:
         self.upload_once()
 
     def upload_once(self) -> int:
-        """Upload what is spooled, in order; stop at the first failure. Returns objects sent."""
+        """Upload what was spooled when this pass began, in order; stop at the first failure.
+        Segments spooled meanwhile wait for the next tick: under a steady load a pass that
+        chased them would never end, one small PUT after another. Returns objects sent."""
         from vigo.snapshots.targets.base import TargetError, TargetUnavailable
 
         now = self.clock()
         if now < self._retry_at:
             return 0
+        with self._lock:
+            last_seq = self._queue[-1].seq if self._queue else -1
         sent = 0
         while True:
             with self._lock:
-                batch = self._next_batch()
+                batch = [item for item in self._next_batch() if item.seq <= last_seq]
             if not batch:
                 break
             try:

@@ -47,6 +47,8 @@ log = logging.getLogger("vigo.snapshots.stream")
 MAX_SEAL_READ_BYTES = 512 * 1024 * 1024
 #: A new generation before the index counter could overflow a signed 32-bit field.
 MAX_INDEX = 0x7FFFFFFF
+#: Longest time between two saves of the stream position outside checkpoints, seconds.
+STATE_SAVE_INTERVAL_S = 1.0
 
 
 def new_generation() -> str:
@@ -127,7 +129,8 @@ class Consumer(Protocol):
 
 @dataclass
 class StreamState:
-    """Persisted in DATA_DIR/stream/state.json after every seal (fsynced at checkpoints)."""
+    """Persisted in DATA_DIR/stream/state.json at most every STATE_SAVE_INTERVAL_S after seals,
+    durably at checkpoints, snapshots and close."""
 
     generation: str
     index: int
@@ -162,6 +165,7 @@ class WalStream:
         self._db_fd = os.open(self.db_path, os.O_RDONLY)
         self._wal_fd: int | None = None
         self._wal_ino: int | None = None
+        self._saved_at = 0.0
         self.state = self._load_state()
         self.reason_for_new_generation: str | None = None if self.state else "no stream state"
         if self.state is not None:
@@ -192,6 +196,7 @@ class WalStream:
 
     def _save_state(self, *, durable: bool = False) -> None:
         assert self.state is not None
+        self._saved_at = self.clock()
         tmp = self._state_path.with_suffix(".tmp")
         data = json.dumps(asdict(self.state)).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -315,7 +320,12 @@ class WalStream:
         for consumer in self.consumers:
             consumer.on_segment(segment)
         st.offset, st.checksum = scan.commit_end, scan.checksum
-        self._save_state()
+        # Saved at most every STATE_SAVE_INTERVAL_S (and durably at every checkpoint): after a
+        # crash the stream re-seals from an older position on the same log, and consumers,
+        # idempotent by position, trim what they already have. A file rename per commit
+        # would cost a third of the write path.
+        if self.clock() - self._saved_at >= STATE_SAVE_INTERVAL_S:
+            self._save_state()
         return segment
 
     # --- checkpoints and snapshots --------------------------------------------------------------
@@ -378,6 +388,8 @@ class WalStream:
         return snap
 
     def close(self) -> None:
+        if self.state is not None and not self.reason_for_new_generation:
+            self._save_state(durable=True)
         for fd in (self._wal_fd,):
             if fd is not None:
                 os.close(fd)
