@@ -163,3 +163,17 @@ def test_spanner_status_reports_slices_and_convergence(sim, fleet, monkeypatch, 
     spanner_cli.status(address="http://unused", as_json=False)
     out = capsys.readouterr().out
     assert "BOLT" in out and "bolt-a" in out and "1.00" in out and "quorum: yes" in out
+
+
+def test_server_status_lists_every_bolt(sim, fleet, monkeypatch, capsys):
+    info = sim.gateway_admin("status")
+    assert info["spanner"] and sorted(info["bolts"]) == [f"bolt-{h}" for h in BOLTS]
+    from vigo.cli import client
+    from vigo.cli import server as server_cli
+
+    monkeypatch.setattr(client, "cluster_token", lambda: "t")
+    monkeypatch.setattr(client, "find_gateways", lambda address, token: [])
+    monkeypatch.setattr(client, "admin", lambda address, op, args=None: dict(info))
+    server_cli.status(address="http://unused", as_json=False)
+    out = capsys.readouterr().out
+    assert all(f"bolt-{h}" in out for h in BOLTS) and "ENVOYS" in out

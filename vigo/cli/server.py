@@ -291,6 +291,19 @@ def status(address: Address = client.DEFAULT_ADDRESS, as_json: JsonFlag = False)
     if as_json:
         output.emit_json(info)
         return
+    if info.get("spanner"):
+        rows = []
+        for name, b in sorted(info["bolts"].items()):
+            if "status_counts" not in (b or {}):
+                rows.append((name, "-", "-", "-", f"unreachable: {(b or {}).get('reason', b)}"))
+                continue
+            counts = ", ".join(f"{n} {k}" for k, n in b["status_counts"].items() if n) or "none"
+            serial = (b.get("bundle") or {}).get("serial", "-")
+            rows.append((name, b["envoys"], b["runs_stored"], serial, counts))
+        typer.echo("spanner: one row per live bolt (`vigocli spanner status` for slices and the roster)")
+        typer.echo(output.table(rows, ["BOLT", "ENVOYS", "RUNS", "SERIAL", "STATUS"]))
+        typer.echo(output.kv([(f"gateway {g['name']}", g["endpoint"]) for g in info["gateways"]]) if info["gateways"] else "")
+        return
     bundle = info["bundle"]
     counts = ", ".join(f"{n} {k}" for k, n in info["status_counts"].items() if n) or "none"
     typer.echo(output.kv([
