@@ -208,3 +208,41 @@ def test_a_missing_wal_object_is_a_clear_error_naming_the_range(tmp_path):
     with pytest.raises(RestoreError, match=f"missing bytes {wal[2].start:#x}..{wal[3].start:#x}"):
         restore(archive.as_uri(), tmp_path / "restored")
     assert not (tmp_path / "restored" / "state.db").exists(), "nothing half-restored is left"
+
+
+def test_retention_keeps_what_the_newest_snapshots_need(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    url = archive.as_uri()
+    old = start(tmp_path / "old", url)  # a generation that is entirely past retention
+    try:
+        write(old, "gone")
+        drained(old)
+    finally:
+        old.close()
+    partition = start(tmp_path / "live", url)
+    try:
+        for i in range(5):
+            write(partition, f"a{i}")
+            partition.store.checkpoint(force=True)
+        drained(partition)
+        time.sleep(1.2)
+        partition.store.stream.snapshot()
+        for i in range(5):
+            write(partition, f"b{i}")
+        drained(partition)
+        target = open_target(url)
+        before = list_generations(target, "p0")
+        assert len(before) == 2 and len(before[-1].snapshots) == 2
+        partition.archiver.retention_s = 1.0
+        deleted = partition.archiver.enforce_retention()
+        after = list_generations(target, "p0")
+        assert [g.generation for g in after] == [before[-1].generation], "the expired generation is gone"
+        kept = after[0]
+        assert [s.index for s in kept.snapshots] == [before[-1].snapshots[-1].index], "only the fresh snapshot stays"
+        assert all(w.index >= kept.snapshots[0].index for w in kept.wal), "WAL before it is gone"
+        assert deleted
+    finally:
+        partition.close()
+    restore(url, tmp_path / "restored")
+    assert {f"a{i}" for i in range(5)} | {f"b{i}" for i in range(5)} <= secret_names(tmp_path / "restored")

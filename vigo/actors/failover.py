@@ -42,6 +42,39 @@ def _ask(name: str, timeout_s: float = PING_TIMEOUT_S) -> dict[str, Any] | None:
         return None
 
 
+def _ask_all(names: list[str], timeout_s: float = PING_TIMEOUT_S) -> dict[str, dict[str, Any] | None]:
+    """Ask every member at once, one deadline for all (a dead member costs the timeout once,
+    not once per member); None for those that did not answer in time."""
+    refs: dict[str, Any] = {}
+    for name in names:
+        try:
+            refs[name] = ray.get_actor(name, namespace=NAMESPACE).ping.remote()
+        except Exception:  # no such actor (any more): it does not answer
+            continue
+    if refs:
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    out: dict[str, dict[str, Any] | None] = dict.fromkeys(names)
+    for name, ref in refs.items():
+        try:
+            out[name] = ray.get(ref, timeout=0)
+        except Exception:  # not ready (timed out) or failed (actor unavailable)
+            continue
+    return out
+
+
+def _on_dead_hosts(route: dict[str, Any]) -> set[str]:
+    """Members whose host has no alive Ray node: Ray has declared them dead already, so
+    waiting for their answer (or their fencing) would only add its timeout to the outage."""
+    hosts = route.get("hosts") or {}
+    try:
+        from vigo.actors.deploy import HOST_LABEL
+
+        alive = {(n.get("Labels") or {}).get(HOST_LABEL) for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # the GCS is busy: ask everyone, as before
+        return set()
+    return {name for name, host in hosts.items() if host not in alive}
+
+
 def _order(info: dict[str, Any]) -> tuple:
     pos = info.get("position") or ["", -1, -1]
     return (float(info.get("committed_at") or 0.0), int(pos[1]), int(pos[2]))
@@ -57,7 +90,7 @@ def _behind(standby: dict[str, Any], primary: dict[str, Any]) -> bool:
 
 
 def promote(partition: str = "p0", standby: str | None = None, *, force: bool = False,
-            control: Any = None) -> dict[str, Any]:
+            control: Any = None, unreachable: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     started = time.monotonic()
     control = control or ray.get_actor("control", namespace=NAMESPACE)
     route = _call(control, "route", partition)
@@ -70,10 +103,13 @@ def promote(partition: str = "p0", standby: str | None = None, *, force: bool = 
     if standby is not None and standby not in standbys:
         raise PromoteError(f"unknown standby {standby!r}: partition {partition}'s standbys are {', '.join(standbys)}")
     old = route["primary"]
-    primary_info = _ask(old)
+    # Members Ray already declared dead (or the caller knows are down) are not asked.
+    down = _on_dead_hosts(route) | set(unreachable)
+    asked = _ask_all([name for name in [old, *standbys] if name not in down])
+    primary_info = asked.get(old)
     if primary_info is not None and primary_info.get("role") != "primary":
         primary_info = None  # answers, but no longer as primary (fenced earlier)
-    infos = {name: info for name in standbys if (info := _ask(name)) is not None}
+    infos = {name: info for name in standbys if (info := asked.get(name)) is not None}
     detected_s = time.monotonic() - started
     if standby is None:
         candidates = [n for n, i in infos.items() if i.get("role") == "standby" and i.get("position")]
@@ -93,17 +129,26 @@ def promote(partition: str = "p0", standby: str | None = None, *, force: bool = 
             "wait for it to catch up (`vigocli server status`) or pass --force to lose the difference")
     term = max(int(route["term"]), int(chosen.get("term") or 0),
                int((primary_info or {}).get("term") or 0)) + 1
-    # Fence first: whoever answers learns the term before anyone serves at it.
-    fenced = []
-    for name in [old, *standbys]:
-        if name == standby:
-            continue
-        try:
-            ray.get(ray.get_actor(name, namespace=NAMESPACE).fence.remote(term), timeout=PING_TIMEOUT_S * 2)
-            fenced.append(name)
-        except Exception as exc:  # a dead host: it learns the term when it returns (from control)
-            log.info("could not fence %s now (%s); it will follow control's route when it returns", name, type(exc).__name__)
+    # Fence first: whoever answers learns the term before anyone serves at it, all at once.
+    # The ones that did not answer are sent the term too, without waiting: a dead host learns
+    # it when it returns (from control's route, or this message if Ray still delivers it).
     others = [n for n in [old, *standbys] if n != standby]
+    refs: dict[str, Any] = {}
+    for name in others:
+        try:
+            refs[name] = ray.get_actor(name, namespace=NAMESPACE).fence.remote(term)
+        except Exception as exc:
+            log.info("could not fence %s now (%s); it will follow control's route when it returns", name, type(exc).__name__)
+    waited = {name: ref for name, ref in refs.items() if asked.get(name) is not None}
+    if waited:
+        ray.wait(list(waited.values()), num_returns=len(waited), timeout=PING_TIMEOUT_S * 2)
+    fenced = []
+    for name, ref in waited.items():
+        try:
+            ray.get(ref, timeout=0)
+            fenced.append(name)
+        except Exception as exc:
+            log.info("could not fence %s now (%s); it will follow control's route when it returns", name, type(exc).__name__)
     t0 = time.monotonic()
     result = ray.get(ray.get_actor(standby, namespace=NAMESPACE).promote.remote(term, others), timeout=PROMOTE_TIMEOUT_S)
     _call(control, "set_primary", partition, standby, term)
@@ -170,17 +215,18 @@ class Watchdog:
                 log.exception("failover watchdog round failed")
 
     def _check(self, partition: str, entry: dict[str, Any], after_s: float) -> None:
+        asked_at = time.monotonic()  # unanswered since the question, not since its timeout
         info = _ask(entry["primary"], timeout_s=min(PING_TIMEOUT_S, after_s / 2))
         if info is not None and info.get("role") == "primary":
             self.down_since.pop(partition, None)
             return
-        since = self.down_since.setdefault(partition, time.monotonic())
+        since = self.down_since.setdefault(partition, asked_at)
         if time.monotonic() - since < after_s:
             return
         log.warning("primary %s of %s has not answered for %.1f s: promoting a standby",
                     entry["primary"], partition, time.monotonic() - since)
         try:
-            result = promote(partition, control=_Local(self.control))
+            result = promote(partition, control=_Local(self.control), unreachable={entry["primary"]})
             log.warning("auto failover: %s", result)
             self.down_since.pop(partition, None)
         except PromoteError as exc:

@@ -117,16 +117,20 @@ class Primary:
             # proven to continue a log it did not write), and no applier state may linger.
             shutil.rmtree(data_dir / "stream", ignore_errors=True)
         self.standby = None
-        self.partition = Partition(data_dir, self.cfg)
+        names = [s for s in (standbys if standbys is not None else self._configured_standbys(self.cfg))
+                 if s != self.name]
+        rlog = None
+        if names:
+            rcfg = self.cfg.replication if self.cfg else None
+            rlog = ReplicationLog(names, max_lag_bytes=rcfg.max_lag_bytes if rcfg else 64 << 20)
+        self.partition = Partition(data_dir, self.cfg, stream_consumers=[rlog] if rlog else None)
         if term is not None and term > self.partition.term:
             self.partition.set_term(term)
         self.partition.start_archive()
-        names = [s for s in (standbys if standbys is not None else self._configured_standbys()) if s != self.name]
-        if names:
-            rcfg = self.partition.cfg.replication
-            self.replication = ReplicationLog(names, max_lag_bytes=rcfg.max_lag_bytes)
-            self.partition.store.stream.consumers.append(self.replication)
-            self.partition.store.stream.snapshot()  # every standby starts from a known point
+        if rlog is not None:
+            self.replication = rlog
+            if rlog.snapshot is None:  # an existing generation continues: start standbys from a known point
+                self.partition.store.stream.snapshot()
             self._sender_stop = threading.Event()  # one per sender: an old one may still be winding down
             threading.Thread(target=self._send_loop, args=(self.replication, self._sender_stop),
                              name="vigo-replication", daemon=True).start()
@@ -147,8 +151,8 @@ class Primary:
         threading.Thread(target=self._roster_loop, args=(self.bolt, [b for b in bolts if b != self.name],
                                                          self._roster_stop), name="vigo-roster", daemon=True).start()
 
-    def _configured_standbys(self) -> list[str]:
-        cfg = self.partition.cfg if self.partition else self.cfg
+    @staticmethod
+    def _configured_standbys(cfg: config_mod.ServerConfig | None) -> list[str]:
         return [f"standby-{cfg.partition}-{host}" for host in cfg.replication.standbys] if cfg else []
 
     def _become_standby(self, reason: str) -> None:

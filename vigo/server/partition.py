@@ -69,8 +69,12 @@ MAX_STACK_PUSH_BYTES = 64 * 1024 * 1024
 
 
 class Partition:
-    def __init__(self, data_dir: Path | str, cfg: config_mod.ServerConfig | None = None) -> None:
+    def __init__(self, data_dir: Path | str, cfg: config_mod.ServerConfig | None = None,
+                 stream_consumers: list[Any] | None = None) -> None:
         self.store = Store(data_dir)
+        # Consumers attached before the first write see the generation's opening snapshot, so
+        # nobody needs a second copy of the database (a promoted standby feeding its standbys).
+        self.store.stream.consumers.extend(stream_consumers or [])
         self.cfg = cfg or self._stored_config() or config_mod.ServerConfig.local(data_dir)
         self._bootstrap()
         self.store.materialise_trees()
@@ -624,7 +628,13 @@ class Partition:
             sync_interval_s=cfg.sync_interval_s, snapshot_interval_s=cfg.snapshot_interval_s,
             retention_s=cfg.retention_s, retention_check_s=cfg.retention_check_s, spool_max_bytes=cfg.spool_max_bytes)
         self.store.stream.consumers.append(self.archiver)
-        self.store.stream.snapshot()
+        stream, last = self.store.stream, self.store.stream.last_snapshot
+        if (last is not None and stream.state is not None and not stream.reason_for_new_generation
+                and (last.generation, last.index) == (stream.state.generation, stream.state.index)
+                and stream.state.offset == 0 and last.path.exists()):
+            self.archiver.on_snapshot(last)  # nothing committed since: that copy is current
+        else:
+            stream.snapshot()
         self.archiver.start()
         log.info("archiving partition %s to %s every %.1f s", self.cfg.partition, target.url, cfg.sync_interval_s)
         return self.archiver.status()
