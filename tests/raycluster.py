@@ -65,13 +65,28 @@ class SimCluster:
         return cfg
 
     def deploy(self, cfg: ServerConfig, primary_host: str = "a") -> dict[str, Any]:
-        return deploy(cfg, host=primary_host, control_host="head", gateway_hosts=["head"],
-                      control_dir=str(self.root / "control"))
+        return self._with_free_port(cfg, lambda: deploy(cfg, host=primary_host, control_host="head",
+                                                        gateway_hosts=["head"], control_dir=str(self.root / "control")))
 
     def deploy_spanner(self, cfg: ServerConfig) -> dict[str, Any]:
         from vigo.actors.deploy import deploy_spanner
 
-        return deploy_spanner(cfg, control_host="head", gateway_hosts=["head"], control_dir=str(self.root / "control"))
+        return self._with_free_port(cfg, lambda: deploy_spanner(cfg, control_host="head", gateway_hosts=["head"],
+                                                                control_dir=str(self.root / "control")))
+
+    def _with_free_port(self, cfg: ServerConfig, run) -> dict[str, Any]:
+        """Deploy on a port picked just before; if a Ray process took it meanwhile (the gateway
+        cannot bind), pick another and deploy again (deploy is idempotent)."""
+        from vigo.errors import ConfigError
+
+        for attempt in range(3):
+            self.port = cfg.listen.port = free_port()
+            try:
+                return run()
+            except ConfigError as exc:
+                if "did not start on port" not in str(exc) or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def gateway_admin(self, op: str, args: dict[str, Any] | None = None) -> Any:
         answer = ray.get(self.actor("gateway-head").admin.remote(op, args or {}), timeout=60)

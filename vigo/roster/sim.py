@@ -350,25 +350,40 @@ class Simulation:
         return None
 
     def safety_violations(self) -> list[str]:
-        """Bolts reading an agent Admitted although a revocation they have seen precedes no
-        admission they have seen, judged from the op records (not from the CRDT's tokens)."""
+        """Bolts reading an agent Admitted although a revocation they have seen happened before
+        no admission they have seen, judged from the op records (not from the CRDT's tokens).
+
+        Happened-before is transitive: r -> r' -> a counts even when a's bolt never saw r itself
+        (a delta carries only the dots its op observed, so ``a.seen`` may lack ``r``)."""
         by_agent: dict[str, list[OpRecord]] = {}
         for op in self.ops:
             by_agent.setdefault(op.agent_id, []).append(op)
         violations = []
         for agent_id, ops in by_agent.items():
-            revokes = [op for op in ops if op.kind == "revoke" and op.dot is not None]
-            if not revokes:
+            dotted = [op for op in ops if op.dot is not None]
+            if not any(op.kind == "revoke" for op in dotted):
                 continue
-            admits = [op for op in ops if op.kind == "admit" and op.dot is not None]
+            # before[d]: dots of every op that happened before the op with dot d. Records are in
+            # creation order, so everything an op saw is already in the table.
+            before: dict[int, set[int]] = {}
+            for op in dotted:
+                closure: set[int] = set()
+                for earlier in dotted:
+                    if earlier.dot in before and op.seen.has(earlier.dot):
+                        closure.add(earlier.dot)
+                        closure |= before[earlier.dot]
+                before[op.dot] = closure
+            revokes = [op for op in dotted if op.kind == "revoke"]
+            admits = [op for op in dotted if op.kind == "admit"]
             for name in self.up():
                 roster = self.nodes[name].roster
                 if roster.status(agent_id).state is not State.ADMITTED:
                     continue
                 ctx = roster.shards[shard_of(agent_id)].ctx
                 for r in revokes:
-                    if ctx.has(r.dot) and not any(ctx.has(a.dot) and a.seen.has(r.dot) for a in admits):
-                        violations.append(f"{name} reads {agent_id!r} admitted after seeing an unanswered revoke by {r.bolt} at {r.at:.3f}s")
+                    if ctx.has(r.dot) and not any(ctx.has(a.dot) and r.dot in before[a.dot] for a in admits):
+                        violations.append(f"{name} reads {agent_id!r} admitted after seeing a revoke by "
+                                          f"{r.bolt} at {r.at:.3f}s that no admission it has seen followed")
         return violations
 
     def counters(self) -> dict[str, int]:

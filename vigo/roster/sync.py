@@ -53,6 +53,7 @@ from vigo.roster.crdt import (
     SHARDS,
     ReplicaId,
     Roster,
+    RosterError,
     RosterFormatError,
     ShardState,
     Status,
@@ -505,7 +506,7 @@ class Replica:
         once per digest interval), so the missing deltas come back as full shards."""
         peer = self._peers.get(peer_name)
         if peer is None:
-            raise ValueError(f"cannot push to {peer_name!r}: not a known peer (call set_peers first)")
+            raise RosterError(f"cannot push to {peer_name!r}: expected a peer named in set_peers(), got an unknown name")
         now = self._now()
         first = self._log[0][0] if self._log else self._seq + 1
         out: list[bytes] = []
