@@ -1,6 +1,6 @@
 """How fast and how cheaply the spanner admissions roster replicates between bolts.
 
-Everything here runs the real roster code (``vigo.roster``) inside the seeded virtual-time
+The default sections run the real roster code (``vigo.roster``) inside the seeded virtual-time
 network of ``vigo.roster.sim``; no Ray. Its time model, printed with the results:
 
 * one-way message latency ``--latency-ms`` (default 5 ms) plus a uniform extra delay (0-10 ms
@@ -10,7 +10,7 @@ network of ``vigo.roster.sim``; no Ray. Its time model, printed with the results
 * message processing takes no virtual time. "Wall" figures are the CPU time of simulating all
   five bolts in this one process, an upper bound on the protocol's own cost.
 
-Sections (``--sections``, default all), each a function registered in ``SECTIONS``:
+Sections (``--sections``, default all but ``ray_scaling``), each a function registered in ``SECTIONS``:
 
 * ``convergence``: 10,000 operations over 1 s across 5 bolts (9,000 admissions of new envoys,
   1,000 revocations of envoys admitted earlier, each at a random bolt), at 0%, 10% and 30%
@@ -24,22 +24,42 @@ Sections (``--sections``, default all), each a function registered in ``SECTIONS
 * ``revocation``: time until a revocation reads Revoked at every bolt, over 500 revocations
   during background admissions, at 0% and 10% loss.
 
+And, only when named in ``--sections`` (it needs Ray and takes minutes):
+
+* ``ray_scaling``: check-ins/s with 1, 2 and 4 bolts (``--ray-bolts``), measured in one run:
+  per configuration a fresh ``tests.raycluster.SimCluster`` (control and the gateway on the
+  head, one raylet per bolt host), spanner deployed, ``--ray-envoys`` (200) real joins through
+  the gateway with the envoy's client code and one mutual-TLS connection each (helpers from
+  ``checkin_load.py`` and ``failover.py``); once every bolt's roster holds every envoy, a closed
+  loop (every envoy checks in again as soon as its last check-in was answered; a check-in is
+  ``checkin`` + ``results`` with a 20-resource run report, or ``checkin`` alone with
+  ``--ray-checkin-only``) for ``--ray-warmup`` + ``--ray-seconds`` (3 + 15) seconds. Figures:
+  check-ins/s, latency p50/p99, errors, CPU per process (each bolt, gateway, load generator,
+  this cluster's Ray processes, kernel, everything else) and the ratios against 1 bolt. Every
+  process shares this machine's cores and one gateway carries all traffic: the ratios say
+  what this machine allows, the CPU columns say where the limit is. About 3-4 minutes; not in
+  the default run so that the simulation sections stay quick and need no Ray.
+
 Targets come from the issue and notes/roster-crdt.md; a missed one is printed as MISSED. The
 exit code says whether the benchmark ran and its results were correct, not whether targets
 were met. Writes ``benchmarks/results/roster.json``.
 
     .venv/bin/python benchmarks/roster.py [--sections convergence,bytes,memory,revocation]
                                           [--seeds 3] [--memory-envoys 100000]
+    .venv/bin/python benchmarks/roster.py --sections ray_scaling [--ray-bolts 1,2,4] [--ray-envoys 200]
+                                          [--ray-seconds 15] [--ray-warmup 3] [--ray-checkin-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
 import platform
 import random
+import ssl
 import statistics
 import sys
 import time
@@ -105,11 +125,15 @@ def summary(values: list[float]) -> dict[str, float]:
 # --- sections ------------------------------------------------------------------------------------
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {}
+#: The sections run when ``--sections`` is not given (``ray_scaling`` is not one: see there).
+DEFAULT_SECTIONS: list[str] = []
 
 
-def section(name: str) -> Callable[[Callable[[argparse.Namespace], dict[str, Any]]], Callable[[argparse.Namespace], dict[str, Any]]]:
+def section(name: str, default: bool = True) -> Callable[[Callable[[argparse.Namespace], dict[str, Any]]], Callable[[argparse.Namespace], dict[str, Any]]]:
     def register(fn: Callable[[argparse.Namespace], dict[str, Any]]) -> Callable[[argparse.Namespace], dict[str, Any]]:
         SECTIONS[name] = fn
+        if default:
+            DEFAULT_SECTIONS.append(name)
         return fn
     return register
 
@@ -307,6 +331,243 @@ def revocation(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# --- ray_scaling: check-ins/s with 1, 2 and 4 bolts on a simulated Ray cluster ------------------
+#
+# Not in the default run (``--sections`` must name it): unlike the sections above it needs Ray,
+# starts one SimCluster per configuration (2 to 5 raylets), takes about 3-4 minutes and loads
+# both cores of this machine, and its figures depend on whatever else runs here. The simulation
+# sections stay quick and machine-independent.
+
+#: Resource entries per run report when a check-in carries its results (checkin_load's size).
+RAY_RESOURCES = 20
+#: Longest wait for the gateway to see every bolt live, and for every bolt's roster to hold
+#: every joined envoy, seconds.
+RAY_READY_TIMEOUT_S = 120.0
+
+
+def _ray_helpers() -> Any:
+    """The cluster and client helpers, imported only when the section runs (Ray is slow to import
+    and the simulation sections need none of it)."""
+    here = Path(__file__).resolve().parent
+    if str(here) not in sys.path:
+        sys.path.insert(0, str(here))  # checkin_load and failover, importable without side effects
+    import checkin_load
+    import failover
+
+    return checkin_load, failover
+
+
+async def _closed_loop(envoys: list[Any], facts: Any, *, seconds: float, warmup_s: float, timeout_s: float,
+                       with_results: bool) -> dict[str, Any]:
+    """Every envoy checks in back to back on its own connection (one request in flight each):
+    ``checkin``, then (``with_results``) ``results`` with one run report, as an envoy's run does.
+    A check-in counts when it completes inside the measured window (after ``warmup_s``); its
+    latency runs from sending ``checkin`` to the last answer. An envoy answered ``overloaded`` or
+    ``unavailable`` rests ``retry_after_s`` as the real envoy would; one whose connection fails
+    or times out stops (counted: the rest go on)."""
+    cl, _ = _ray_helpers()
+    import collections
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    start, end = t0 + warmup_s, t0 + warmup_s + seconds
+    latencies: list[float] = []
+    errors: collections.Counter[str] = collections.Counter()
+    stopped = 0
+
+    def refused(stage: str, body: dict[str, Any]) -> float:
+        code = body.get("code")
+        if loop.time() >= start:
+            errors[f"{stage}:{code}"] += 1
+        return float(body.get("retry_after_s") or 1.0) if code in ("overloaded", "unavailable") else 0.0
+
+    async def worker(envoy: Any) -> None:
+        nonlocal stopped
+        while loop.time() < end:
+            sent = loop.time()
+            rest = 0.0
+            try:
+                async with asyncio.timeout(timeout_s):
+                    kind, body = await envoy.request("checkin", cl.checkin_body(envoy, facts, time.time()))
+                    if kind == "error":
+                        rest = refused("checkin", body)
+                    elif with_results:
+                        report = cl.report_body(envoy, facts, time.time())
+                        kind, body = await envoy.request("results", {"envoy_id": envoy.envoy_id, "reports": [report]})
+                        if kind == "error":
+                            rest = refused("results", body)
+                        elif report["run_id"] not in body.get("acked", ()):
+                            errors["results:not_acked"] += 1
+                            kind = "error"
+            except TimeoutError:
+                errors["timeout"] += 1
+                kind = "gone"
+            except (asyncio.IncompleteReadError, ConnectionError, OSError, ssl.SSLError) as exc:
+                errors[f"connection:{type(exc).__name__}"] += 1
+                kind = "gone"
+            if kind == "gone":
+                envoy.close()  # a late reply may still come: the stream is at no known frame
+                stopped += 1
+                return
+            done = loop.time()
+            if kind != "error" and start <= done <= end:
+                latencies.append(done - sent)
+            if rest:
+                await asyncio.sleep(rest * random.uniform(1.0, 1.5))
+
+    live = [e for e in envoys if e.writer is not None]
+    tasks = [asyncio.create_task(worker(e)) for e in live]
+    _, pending = await asyncio.wait(tasks, timeout=warmup_s + seconds + timeout_s + 5)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    lat = sorted(latencies)
+
+    def ms(q: float) -> float | None:
+        v = cl.percentile(lat, q)
+        return None if v is None else round(1000 * v, 1)
+
+    return {"envoys": len(live), "seconds": seconds, "warmup_s": warmup_s, "ok": len(lat),
+            "checkins_per_s": round(len(lat) / seconds, 1),
+            "latency_ms": {"p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99),
+                           "max": round(1000 * lat[-1], 1) if lat else None},
+            "errors": dict(errors), "envoys_stopped": stopped}
+
+
+def _spanner_pids(sim: Any, bolts: list[str]) -> dict[str, int]:
+    """Worker PIDs of the bolts, the gateway and this process (the load generator)."""
+    import ray
+
+    pids = {"loadgen": os.getpid()}
+    for name in bolts:
+        pids[name] = int(ray.get(sim.actor(name).ping.remote(), timeout=30)["pid"])
+    pids["gateway"] = int(ray.get(sim.actor("gateway-head").__ray_call__.remote(lambda _self: os.getpid()), timeout=30))
+    return pids
+
+
+def _wait_live(sim: Any, bolts: int) -> None:
+    sim.wait("every bolt live at the gateway",
+             lambda: len(sim.gateway_admin("spanner.status")["gateway_view"]["live"]) == bolts,
+             timeout_s=RAY_READY_TIMEOUT_S)
+
+
+def _wait_admitted(sim: Any, bolts: list[str], envoys: int) -> dict[str, int]:
+    """Every bolt's roster holds every joined envoy (they all joined at the token's owner): only
+    then can any bolt serve any of them."""
+    def admitted() -> dict[str, int] | None:
+        infos = sim.gateway_admin("spanner.status")["bolts"]
+        counts = {b: int(infos[b].get("admitted") or 0) for b in bolts}
+        return counts if min(counts.values()) >= envoys else None
+
+    return sim.wait(f"{envoys} envoys admitted in every bolt's roster", admitted, timeout_s=RAY_READY_TIMEOUT_S)
+
+
+async def _ray_configuration(sim: Any, hosts: tuple[str, ...], args: argparse.Namespace) -> dict[str, Any]:
+    """On a deployed spanner: join the fleet, wait for the rosters, measure the closed loop."""
+    cl, fo = _ray_helpers()
+    import ray
+
+    from vigo.agent.enrolment import make_envoy_key_and_csr
+
+    bolts = [f"bolt-{h}" for h in hosts]
+    gateway = f"127.0.0.1:{sim.port}"
+    facts = cl.FleetFacts(gateway, None, 0, cl.base_traits(), cl.make_resources()[:RAY_RESOURCES])
+    cl.check_encoder(facts)
+    token = (await asyncio.to_thread(sim.gateway_admin, "token.create",
+                                     {"uses": args.ray_envoys, "note": "roster ray_scaling"}))["token"]
+    key_pem, csr_pem = make_envoy_key_and_csr("bench-envoy")  # one key for every CSR, as checkin_load
+    t0 = time.monotonic()
+    envoys, join_errors, join_s = await cl.join_all(args.ray_envoys, facts, [token], csr_pem, 16, args.ray_timeout)
+    if len(envoys) < args.ray_envoys:
+        raise SystemExit(f"ray_scaling, {len(hosts)} bolts: only {len(envoys)} of {args.ray_envoys} envoys joined "
+                         f"({join_errors})")
+    try:
+        connect_errors, _ = await cl.connect_all(envoys, key_pem, gateway, 16, args.ray_timeout)
+        connected = sum(1 for e in envoys if e.writer is not None)
+        if connected < len(envoys):
+            raise SystemExit(f"ray_scaling, {len(hosts)} bolts: only {connected} of {len(envoys)} envoys connected "
+                             f"({connect_errors})")
+        admitted = await asyncio.to_thread(_wait_admitted, sim, bolts, len(envoys))
+        owners = await asyncio.to_thread(lambda: ray.get(sim.actor("gateway-head").owners.remote(
+            [e.envoy_id for e in envoys]), timeout=30))
+        slices = {b: sum(1 for o in owners.values() if o == b) for b in bolts}
+        log(f"ray_scaling:   {len(envoys)} envoys joined in {join_s:.1f} s, connected, in every roster after "
+            f"{time.monotonic() - t0:.1f} s; slices {slices}")
+
+        pids = await asyncio.to_thread(_spanner_pids, sim, bolts)
+        groups = {"ray": fo.ray_pids(sim, set(pids.values())), "kernel": cl.kernel_thread_pids()}
+        window = cl.CpuWindow(pids, groups)
+        gw_before = await asyncio.to_thread(fo.gateway_status, sim)
+        log(f"ray_scaling:   closed loop: {len(envoys)} envoys, {args.ray_warmup:g} s warm-up + {args.ray_seconds:g} s ...")
+        window.start()
+        res = await _closed_loop(envoys, facts, seconds=args.ray_seconds, warmup_s=args.ray_warmup,
+                                 timeout_s=args.ray_timeout, with_results=not args.ray_checkin_only)
+        res["cpu_pct"] = window.stop()  # over warm-up and window: the whole time under load
+        gw_after = await asyncio.to_thread(fo.gateway_status, sim)
+    finally:
+        for e in envoys:
+            e.close()
+    if gw_before and gw_after:
+        batches = gw_after["batches"] - gw_before["batches"]
+        items = gw_after["mean_batch"] * gw_after["batches"] - gw_before["mean_batch"] * gw_before["batches"]
+        res["gateway"] = {"batches": batches, "mean_batch": round(items / batches, 1) if batches else None,
+                          "overloaded": gw_after["overloaded"] - gw_before["overloaded"]}
+    res.update(bolts=len(hosts), slices=slices, admitted=admitted, join_s=round(join_s, 1), join_errors=join_errors)
+    log(f"ray_scaling:   {res['checkins_per_s']} check-ins/s, p50 {res['latency_ms']['p50']} ms, "
+        f"p99 {res['latency_ms']['p99']} ms, errors {res['errors'] or 'none'}, CPU {res['cpu_pct']}")
+    return res
+
+
+@section("ray_scaling", default=False)
+def ray_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    import shutil
+    import tempfile
+
+    _ray_helpers()  # puts benchmarks/ on the path; the repo root already is (tests.raycluster)
+    from tests.raycluster import SimCluster
+
+    work = Path(tempfile.mkdtemp(prefix="vigo-roster-ray-", dir="/tmp"))
+    configs: list[dict[str, Any]] = []
+    try:
+        for n in args.ray_bolts:
+            hosts = tuple("abcdefgh"[:n])
+            log(f"ray_scaling: {n} bolt(s) on hosts {', '.join(hosts)}, control and gateway on the head ...")
+            t0 = time.monotonic()
+            loadavg = [round(x, 2) for x in os.getloadavg()]
+            sim = SimCluster(work / f"bolts{n}", hosts=hosts)
+            try:
+                sim.start()
+                cfg = sim.config()
+                cfg.spanner.bolts = list(hosts)
+                sim.deploy_spanner(cfg)
+                _wait_live(sim, n)
+                log(f"ray_scaling:   cluster up and spanner deployed in {time.monotonic() - t0:.1f} s")
+                res = asyncio.run(_ray_configuration(sim, hosts, args))
+            finally:
+                log(f"ray_scaling:   shutting the cluster down ({n} bolts)")
+                sim.shutdown()
+            res.update(loadavg_at_start=loadavg, seconds=round(time.monotonic() - t0, 1))
+            configs.append(res)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    # Against the first configuration (1 bolt by default): "2/1" is 2 bolts over 1 bolt.
+    base = configs[0]
+    ratios = {f"{c['bolts']}/{base['bolts']}": round(c["checkins_per_s"] / base["checkins_per_s"], 3)
+              for c in configs[1:] if base["checkins_per_s"]}
+    return {
+        "envoys": args.ray_envoys,
+        "check_in": "checkin" if args.ray_checkin_only else f"checkin + results (one run report of {RAY_RESOURCES} resources)",
+        "seconds": args.ray_seconds, "warmup_s": args.ray_warmup,
+        "cluster": "tests.raycluster.SimCluster: a head (control, gateway) and one raylet per bolt host, all on "
+                   "this machine; no stack pushed (check-ins carry no bundle)",
+        "configurations": configs,
+        "scaling_ratio": ratios,
+        "note": f"every process (Ray, bolts, gateway, load generator) shares this machine's {os.cpu_count()} cores: "
+                "throughput is bounded by the machine and the single gateway, not by the bolts",
+    }
+
+
 # --- report --------------------------------------------------------------------------------------
 
 
@@ -364,22 +625,72 @@ def print_report(out: dict[str, Any]) -> None:
                   f"max {v['max'] * 1000:7.1f} ms (n={v['n']})   target p99 <= {target * 1000:g} ms "
                   f"{verdict(v['p99'], target)}")
         print()
+    if "ray_scaling" in s:
+        print_ray_scaling(s["ray_scaling"], m["cpus"])
     for name in s:
-        if name not in ("convergence", "bytes", "memory", "revocation"):
+        if name not in ("convergence", "bytes", "memory", "revocation", "ray_scaling"):
             print(f"{name}: {json.dumps(s[name], indent=2)}")
+
+
+def print_ray_scaling(r: dict[str, Any], cpus: int) -> None:
+    print(f"ray_scaling: spanner on a simulated Ray cluster (head: control + gateway; one raylet per bolt), "
+          f"{r['envoys']} envoys in a closed loop (one check-in in flight each), check-in = {r['check_in']}, "
+          f"{r['warmup_s']:g} s warm-up + {r['seconds']:g} s measured per configuration")
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:g}"
+
+    header = (f"  {'bolts':>5} {'check-ins/s':>11} {'vs first':>8} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
+              f"{'batch':>5} | {'bolts CPU% (each)':<28} {'gateway':>7} {'loadgen':>7} {'ray':>5} {'krn+irq':>7} "
+              f"{'other':>5} {'machine':>7}")
+    print(header)
+    first = r["configurations"][0]["checkins_per_s"] if r["configurations"] else None
+    for c in r["configurations"]:
+        cpu = c["cpu_pct"]
+        each = [cpu.get(f"bolt-{h}") or 0.0 for h in "abcdefgh"[:c["bolts"]]]
+        bolts = f"{sum(each):.0f} ({'/'.join(f'{v:.0f}' for v in each)})"
+        ratio = f"{c['checkins_per_s'] / first:.2f}x" if first else "-"
+        print(f"  {c['bolts']:>5} {c['checkins_per_s']:>11.1f} {ratio:>8} {f(c['latency_ms']['p50']):>7} "
+              f"{f(c['latency_ms']['p99']):>7} {sum(c['errors'].values()):>6} "
+              f"{f(c.get('gateway', {}).get('mean_batch')):>5} | {bolts:<28} {f(cpu['gateway']):>7} "
+              f"{f(cpu['loadgen']):>7} {f(cpu['ray']):>5} {f((cpu.get('kernel') or 0) + (cpu.get('irq') or 0)):>7} "
+              f"{f(cpu['other']):>5} {f(cpu['machine']):>7}")
+    ratios = ", ".join(f"{k} bolts {v:.2f}x" for k, v in r["scaling_ratio"].items())
+    print(f"  scaling ratio (check-ins/s against the first configuration): {ratios or '-'}")
+    for c in r["configurations"]:
+        if c["errors"]:
+            print(f"  errors with {c['bolts']} bolt(s): {c['errors']}")
+    print(f"  (CPU% of one core over warm-up and window, machine max {100 * cpus}%: 'ray' = this cluster's GCS, "
+          f"raylets, agents and control; 'krn+irq' = kernel threads and irq/softirq (loopback TCP); 'other' = "
+          f"everything else on the machine; 'batch' = mean envoy requests per gateway batch. Every process shares "
+          f"these {cpus} cores and all traffic goes through one gateway, so the ratios show what this machine "
+          f"allows, not what more hosts would give: where the gateway or the machine is saturated, more bolts "
+          f"cannot help.)")
+    print()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated, from: {', '.join(SECTIONS)} (default: all)")
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated, from: {', '.join(SECTIONS)} (default: {', '.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--seeds", type=int, default=3, help="runs per loss level in 'convergence' (default 3)")
     parser.add_argument("--losses", default="0,0.1,0.3", help="loss levels for 'convergence' (default 0,0.1,0.3)")
     parser.add_argument("--latency-ms", type=float, default=5.0, help="one-way message latency (default 5)")
     parser.add_argument("--memory-envoys", type=int, default=100_000, help="envoys in 'memory' (default 100000)")
     parser.add_argument("--revocations", type=int, default=500, help="revocations timed in 'revocation' (default 500)")
+    parser.add_argument("--ray-bolts", default="1,2,4", help="bolt counts compared in 'ray_scaling', the first "
+                        "one the baseline of the ratios (default 1,2,4)")
+    parser.add_argument("--ray-envoys", type=int, default=200, help="envoys (= concurrency) in 'ray_scaling' (default 200)")
+    parser.add_argument("--ray-seconds", type=float, default=15.0, help="measured seconds per configuration (default 15)")
+    parser.add_argument("--ray-warmup", type=float, default=3.0, help="unmeasured seconds of load first (default 3)")
+    parser.add_argument("--ray-timeout", type=float, default=30.0, help="seconds for one join, connect or check-in")
+    parser.add_argument("--ray-checkin-only", action="store_true",
+                        help="a check-in is one 'checkin' message (default: checkin + results, as checkin_load)")
     args = parser.parse_args(argv)
     args.losses = [float(x) for x in args.losses.split(",")]
+    args.ray_bolts = [int(x) for x in args.ray_bolts.split(",")]
+    if not args.ray_bolts or min(args.ray_bolts) < 1 or max(args.ray_bolts) > 8 or args.ray_envoys < 1:
+        parser.error("--ray-bolts wants 1 to 8 bolts per configuration and --ray-envoys at least 1")
     wanted = [name.strip() for name in args.sections.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in SECTIONS]
     if unknown:

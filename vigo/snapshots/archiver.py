@@ -106,6 +106,7 @@ class Archiver:
         self._backoff_s = 0.0
         self._retry_at = 0.0
         self.status_ = ArchiveStatus(url=getattr(target, "url", str(target)))
+        self._uploaded_tail: tuple[str, int, int, tuple[int, int]] | None = None
         self._load_spool()
 
     # --- the consumer side (primary thread) ---------------------------------------------------
@@ -148,11 +149,13 @@ class Archiver:
         last = next((s.segment for s in reversed(self._queue) if s.kind == "seg"), None)
         if last is not None:
             return last.generation, last.index, last.end, last.checksum_end
-        try:
-            raw = json.loads((self.spool_dir / "uploaded.json").read_text())
-            return raw["generation"], int(raw["index"]), int(raw["end"]), tuple(raw["checksum"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return None
+        if self._uploaded_tail is None:
+            try:
+                raw = json.loads((self.spool_dir / "uploaded.json").read_text())
+                self._uploaded_tail = (raw["generation"], int(raw["index"]), int(raw["end"]), tuple(raw["checksum"]))
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                return None
+        return self._uploaded_tail
 
     def on_segment(self, seg: Segment) -> None:
         with self._lock:
@@ -335,6 +338,7 @@ class Archiver:
             self.status_.uploaded = (seg.generation, seg.index, seg.end)
             self._write("uploaded.json", json.dumps({"generation": seg.generation, "index": seg.index,
                                                      "end": seg.end, "checksum": list(seg.checksum_end)}).encode())
+            self._uploaded_tail = (seg.generation, seg.index, seg.end, seg.checksum_end)
             size = len(seg.data)
         self.status_.uploaded_at = self.clock()
         self.status_.objects_uploaded += 1
