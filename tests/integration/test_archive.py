@@ -246,3 +246,32 @@ def test_retention_keeps_what_the_newest_snapshots_need(tmp_path):
         partition.close()
     restore(url, tmp_path / "restored")
     assert {f"a{i}" for i in range(5)} | {f"b{i}" for i in range(5)} <= secret_names(tmp_path / "restored")
+
+
+def test_bad_restore_inputs_get_clear_errors(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    proc = subprocess.run([str(BIN / "vigocli"), "restore", "--from", archive.as_uri(), "--data-dir",
+                           str(tmp_path / "r"), "--to-time", "yesterday"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not an ISO 8601 time" in proc.stderr
+    proc = subprocess.run([str(BIN / "vigocli"), "restore", "--from", archive.as_uri(), "--data-dir",
+                           str(tmp_path / "r")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "no archived partition" in proc.stderr
+    proc = subprocess.run([str(BIN / "vigocli"), "restore", "--from", "ftp://x/y", "--data-dir",
+                           str(tmp_path / "r")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "ftp" in proc.stderr
+    partition = start(tmp_path / "live", archive.as_uri())
+    try:
+        for i in range(3):
+            write(partition, f"w{i}")
+            drained(partition)
+    finally:
+        partition.close()
+    wal = list_generations(open_target(archive.as_uri()), "p0")[-1].wal
+    victim = archive / wal[-1].key
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=wal[-1].key.rsplit("/", 1)[1]):
+        restore(archive.as_uri(), tmp_path / "restored")
+    assert not (tmp_path / "restored" / "state.db").exists()

@@ -320,7 +320,13 @@ class Primary:
         bolt = self.bolt
         if bolt is None:
             return []
-        return bolt.receive(data)
+        from vigo.roster import RosterError
+
+        try:
+            return bolt.receive(data)
+        except RosterError as exc:  # junk or an unknown version: drop it, keep serving
+            log.warning("%s dropped a roster message (%d bytes): %s", self.name, len(data), exc)
+            return []
 
     @_serialised
     def bolt_info(self) -> dict[str, Any]:

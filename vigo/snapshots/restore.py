@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vigo.errors import StoreError, VigoError
+from vigo.errors import ConfigError, VigoError
 from vigo.snapshots.apply import Applier, StreamGap
 from vigo.snapshots.stream import decode_segment
 
@@ -308,7 +308,7 @@ def parse_time(text: str) -> float:
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise StoreError(f"--to-time {text!r} is not an ISO 8601 time (e.g. 2026-11-27T10:15:00Z)") from exc
+        raise ConfigError(f"--to-time {text!r} is not an ISO 8601 time (expected e.g. 2026-11-27T10:15:00Z)") from exc
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.timestamp()
