@@ -177,3 +177,10 @@ def test_server_status_lists_every_bolt(sim, fleet, monkeypatch, capsys):
     server_cli.status(address="http://unused", as_json=False)
     out = capsys.readouterr().out
     assert all(f"bolt-{h}" in out for h in BOLTS) and "ENVOYS" in out
+
+
+def test_a_malformed_roster_message_is_dropped_and_the_bolt_keeps_serving(sim, fleet):
+    for junk in (b"", b"\x01junk", b"\x63" + b"\x00" * 40):
+        assert ray.get(sim.actor("bolt-a").roster_receive.remote(junk), timeout=30) == []
+    assert ray.get(sim.actor("bolt-a").bolt_ping.remote(), timeout=30)["ready"]
+    assert all(r["exit_code"] == 0 for r in run_all(fleet, fleet["envoys"][:2]))
