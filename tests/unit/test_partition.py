@@ -149,3 +149,11 @@ def test_status_is_derived():
     assert derive({**base, "last_run": {"counts": {"failed": 1}, "serial": 2}}) == "failed"
     assert derive({**base, "last_run": None}) == "pending"
     assert 0 <= fleet.splay_for("abc", 60) < 60 and fleet.splay_for("abc", 60) == fleet.splay_for("abc", 60)
+
+
+def test_spanner_status_without_spanner_says_how_to_turn_it_on(tmp_path):
+    from vigo.errors import ConfigError
+
+    partition = Partition(tmp_path / "p")
+    with pytest.raises(ConfigError, match="spanner is not on for partition p0: list the bolts' hosts"):
+        partition.admin("spanner.status", {})

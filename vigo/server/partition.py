@@ -462,6 +462,11 @@ class Partition:
         log.info("join token %s created (%d uses, expires %s)", rec.id, rec.uses_left, _iso(rec.expires_at))
         return {"id": rec.id, "token": token, "expires_at": rec.expires_at, "uses": rec.uses_left}
 
+    def _admin_spanner_status(self) -> dict[str, Any]:
+        # Answered by the gateway when spanner is on; reaching a partition means it is off.
+        raise ConfigError(f"spanner is not on for partition {self.cfg.partition}: list the bolts' hosts in "
+                          "spanner.bolts in server.yaml and deploy again (docs/spanner.md)")
+
     def _admin_token_install(self, id: str, hash: str, created_at: float, expires_at: float, uses: int,
                              note: str = "") -> dict[str, Any]:
         """Spanner: a token created at one bolt, installed at the others (by its hash only) so
