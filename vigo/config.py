@@ -130,6 +130,9 @@ class SpannerConfig:
     delta_interval_s: float = 0.25
     #: How often a bolt compares per-shard roster digests with one peer (anti-entropy), s.
     digest_interval_s: float = 2.0
+    #: Standbys per bolt (peer replication inside each bolt's partition): bolt i's standbys run
+    #: on the next N hosts of ``bolts``, wrapping around. 0: bolts have no standbys.
+    standbys_per_bolt: int = 0
 
 
 @dataclass
@@ -245,6 +248,7 @@ _POSITIVE = {
     "spanner.rejoin_hold_s": (0, None),
     "spanner.delta_interval_s": (0.01, 60),
     "spanner.digest_interval_s": (0.1, 3600),
+    "spanner.standbys_per_bolt": (0, 16),
 }
 
 

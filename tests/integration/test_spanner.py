@@ -50,7 +50,7 @@ def owners(sim: SimCluster, envoys: list[dict]) -> dict[str, str]:
 
 
 def runs_on(sim: SimCluster, host: str) -> set[str]:
-    conn = apsw.Connection(str(sim.root / host / "state.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    conn = apsw.Connection(str(sim.root / host / f"bolt-{host}" / "state.db"), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         return {r[0] for r in conn.execute("SELECT run_id FROM runs")}
     finally:
@@ -76,7 +76,7 @@ def run_all(fleet: dict, envoys: list[dict] | None = None) -> list[dict]:
 
 
 def test_envoys_admitted_at_one_bolt_are_served_by_their_owners(sim, fleet):
-    joined_at = {h for h in BOLTS if (sim.root / h / "state.db").exists() and _joins(sim, h)}
+    joined_at = {h for h in BOLTS if (sim.root / h / f"bolt-{h}" / "state.db").exists() and _joins(sim, h)}
     assert len(joined_at) == 1, "every join with one token goes to the token's owner bolt"
     reports = run_all(fleet)
     assert all(r["exit_code"] == 0 and r["flushed"] >= 1 for r in reports), [r["stderr"] for r in reports]
@@ -90,7 +90,7 @@ def test_envoys_admitted_at_one_bolt_are_served_by_their_owners(sim, fleet):
 
 
 def _joins(sim: SimCluster, host: str) -> int:
-    conn = apsw.Connection(str(sim.root / host / "state.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    conn = apsw.Connection(str(sim.root / host / f"bolt-{host}" / "state.db"), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         return conn.execute("SELECT COUNT(*) FROM envoys WHERE token_id IS NOT NULL").fetchone()[0]
     finally:

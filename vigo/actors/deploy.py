@@ -131,9 +131,10 @@ def deploy_spanner(cfg: ServerConfig, *, control_host: str, gateway_hosts: list[
                    control_dir: str | None = None, timeout_s: float = 60.0) -> dict[str, Any]:
     """Create (or find) control, one bolt per ``spanner.bolts`` host and the gateways.
 
-    Each bolt is a primary with its own database in ``data_dir`` on its host (``{host}`` in the
-    path is replaced by the host's label), its own partition name (``bolt-<host>``) and its own
-    TLS server certificate. The fleet CA and the bundle-signing key are the first bolt's,
+    Each bolt is a partition (``bolt-<host>``) whose primary has its own database in
+    ``DATA_DIR/bolt-<host>`` on its host (``{host}`` in ``data_dir`` is replaced by the host's
+    label) and its own TLS server certificate; with ``spanner.standbys_per_bolt`` it has standbys
+    on the next bolt hosts, fed and promoted exactly like any partition's. The fleet CA and the bundle-signing key are the first bolt's,
     copied once into each other bolt's database by ``adopt_fleet_material`` over Ray's
     authenticated channel: envoy certificates and bundles then verify at every bolt, and the
     roster never carries a key.
@@ -155,22 +156,48 @@ def deploy_spanner(cfg: ServerConfig, *, control_host: str, gateway_hosts: list[
     ray.get(control.ping.remote(), timeout=timeout_s)
 
     names = [bolt_name(h) for h in hosts]
-    handles = {}
-    for name, host in zip(names, hosts, strict=True):
-        member = cfg.to_dict()
-        member["partition"] = name
-        member["data_dir"] = member_data_dir(cfg, host)
-        member["replication"]["standbys"] = []
-        handles[name] = ray.remote(Primary).options(
-            name=name, num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: host}, max_concurrency=8, **common,
-        ).remote(member["data_dir"], member, name, "primary")
-    terms = {name: ray.get(h.ping.remote(), timeout=timeout_s)["term"] for name, h in handles.items()}
-    for name, host in zip(names, hosts, strict=True):
-        ray.get(control.register_partition.remote(name, name, terms[name], member_data_dir(cfg, host), [], None,
-                                                  {name: host}), timeout=timeout_s)
-    material = ray.get(handles[names[0]].fleet_material.remote(), timeout=timeout_s)
+    per_bolt = cfg.spanner.standbys_per_bolt
+    if per_bolt >= len(hosts):
+        raise ConfigError(f"spanner.standbys_per_bolt: {per_bolt} needs more than {per_bolt} bolt hosts "
+                          f"(a bolt's standbys live on other bolts' hosts), got {len(hosts)}")
+    handles, standby_handles = {}, []
+    failover = {"auto": cfg.replication.auto_failover, "after_s": cfg.replication.failover_after_s}
+    for i, (name, host) in enumerate(zip(names, hosts, strict=True)):
+        # Bolt i's standbys on the next hosts of the list: every host holds one bolt's primary
+        # and others' standbys, each member in its own folder (DATA_DIR/bolt-<host>).
+        ring = [hosts[(i + k) % len(hosts)] for k in range(1, per_bolt + 1)]
+        members = [(name, host, "primary")] + [(f"standby-{name}-{h}", h, "standby") for h in ring]
+        member_hosts = {}
+        for member, member_host, role in members:
+            member_cfg = cfg.to_dict()
+            member_cfg["partition"] = name
+            member_cfg["data_dir"] = f"{member_data_dir(cfg, member_host)}/{name}"
+            member_cfg["replication"]["standbys"] = ring
+            handle = ray.remote(Primary).options(
+                name=member, num_cpus=PINNED_CPUS, label_selector={HOST_LABEL: member_host}, max_concurrency=8,
+                **common,
+            ).remote(member_cfg["data_dir"], member_cfg, member, role)
+            member_hosts[member] = member_host
+            if role == "primary":
+                handles[name] = handle
+            else:
+                standby_handles.append(handle)
+        route = ray.get(control.route.remote(name), timeout=timeout_s)
+        current = route["primary"] if route else name
+        ping = ray.get((handles[name] if current == name else ray.get_actor(current, namespace=NAMESPACE)).ping.remote(),
+                       timeout=timeout_s)
+        ray.get(control.register_partition.remote(name, name, ping["term"], f"{member_data_dir(cfg, host)}/{name}",
+                                                  [m for m, _, r in members if r == "standby"], failover, member_hosts),
+                timeout=timeout_s)
+    for handle in standby_handles:
+        ray.get(handle.ping.remote(), timeout=timeout_s)
+    def serving(name: str) -> Any:  # a failed-over bolt is served by its promoted standby
+        route = ray.get(control.route.remote(name), timeout=timeout_s)
+        return ray.get_actor(route["primary"], namespace=NAMESPACE)
+
+    material = ray.get(serving(names[0]).fleet_material.remote(), timeout=timeout_s)
     for name in names[1:]:
-        ray.get(handles[name].adopt_fleet_material.remote(material), timeout=timeout_s)
+        ray.get(serving(name).adopt_fleet_material.remote(material), timeout=timeout_s)
     ownership = {"suspicion_s": cfg.spanner.suspicion_s, "rejoin_hold_s": cfg.spanner.rejoin_hold_s}
     ray.get(control.register_spanner.remote(names, dict(zip(names, hosts, strict=True)), ownership), timeout=timeout_s)
 

@@ -144,11 +144,14 @@ class Primary:
 
         cfg = self.partition.cfg
         bolts = [bolt_name(h) for h in cfg.spanner.bolts]
-        if self.name not in bolts:
+        # A bolt is a partition: whichever member is its primary (the first one, or a promoted
+        # standby) is that bolt in the roster, with a fresh incarnation.
+        me = cfg.partition
+        if me not in bolts:
             return
-        self.bolt = BoltCore(self.partition, self.name, bolts, cfg.spanner)
+        self.bolt = BoltCore(self.partition, me, bolts, cfg.spanner)
         self._roster_stop = threading.Event()
-        threading.Thread(target=self._roster_loop, args=(self.bolt, [b for b in bolts if b != self.name],
+        threading.Thread(target=self._roster_loop, args=(self.bolt, [b for b in bolts if b != me],
                                                          self._roster_stop), name="vigo-roster", daemon=True).start()
 
     @staticmethod
@@ -264,19 +267,23 @@ class Primary:
         handles: dict[str, Any] = {}
         inflight: dict[Any, str] = {}
         next_poll = 0.0
+        control = ray.get_actor("control", namespace=NAMESPACE)
 
         def handle(peer: str) -> Any | None:
+            """The member serving bolt ``peer`` now (control's route: a promoted standby after a
+            failover), cached until a call to it fails."""
             if peer not in handles:
                 try:
-                    handles[peer] = ray.get_actor(peer, namespace=NAMESPACE)
-                except ValueError:
+                    member = (ray.get(control.route.remote(peer), timeout=LIVENESS_POLL_S) or {}).get("primary", peer)
+                    handles[peer] = ray.get_actor(member, namespace=NAMESPACE)
+                except Exception:
                     return None
             return handles[peer]
 
         def route(out: list[tuple[str, bytes]]) -> None:
             while out:
                 peer, data = out.pop()
-                if peer == self.name:
+                if peer == core.name:
                     out.extend(core.receive(data))
                     continue
                 h = handle(peer)
@@ -290,7 +297,7 @@ class Primary:
                     next_poll = now + LIVENESS_POLL_S
                     pings = {h.bolt_ping.remote(): p for p in peers if (h := handle(p)) is not None}
                     ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=LIVENESS_POLL_S) if pings else ([], [])
-                    alive = [self.name]
+                    alive = [core.name]
                     for ref in ready:
                         try:
                             ray.get(ref)
@@ -313,7 +320,8 @@ class Primary:
     def bolt_ping(self) -> dict[str, Any]:
         """Lock-free liveness answer for sibling bolts and gateways."""
         bolt = self.bolt
-        return {"name": self.name, "bolt": bolt is not None, "ready": bool(bolt and bolt.ready)}
+        return {"name": bolt.name if bolt else self.name, "member": self.name, "bolt": bolt is not None,
+                "ready": bool(bolt and bolt.ready)}
 
     def roster_receive(self, data: bytes) -> list[tuple[str, bytes]]:
         """A roster message from a sibling; returns the messages it causes (acks, repairs)."""
@@ -333,7 +341,9 @@ class Primary:
         if self.bolt is None:
             return {"name": self.name, "bolt": False}
         info = self.bolt.stats()
-        info["name"] = self.name
+        info["name"] = self.bolt.name
+        info["member"] = self.name
+        info["standbys"] = self.replication_status()["standbys"]
         info["bundle_serial"] = self.partition.current_serial()
         info["envoys_here"] = self.partition.store.one("SELECT COUNT(*) FROM envoys")[0]
         info["runs_here"] = self.partition.store.one("SELECT COUNT(*) FROM runs")[0]

@@ -51,9 +51,12 @@ class SpannerBackend:
         self.partition = "spanner"
         self._poller: asyncio.Task | None = None
 
-    def _handle(self, name: str) -> Any:
+    async def _handle(self, name: str) -> Any:
+        """The member serving bolt ``name`` now: control's route (a promoted standby after a
+        failover inside the bolt), cached until a call to it fails."""
         if name not in self.handles:
-            self.handles[name] = ray.get_actor(name, namespace=NAMESPACE)
+            route = await self.control.route.remote(name)
+            self.handles[name] = ray.get_actor((route or {}).get("primary", name), namespace=NAMESPACE)
         return self.handles[name]
 
     async def start(self) -> None:
@@ -71,7 +74,8 @@ class SpannerBackend:
     async def poll(self) -> frozenset[str]:
         async def ask(name: str) -> bool:
             try:
-                info = await asyncio.wait_for(_awaited(self._handle(name).bolt_ping.remote()), LIVENESS_POLL_S)
+                handle = await asyncio.wait_for(self._handle(name), LIVENESS_POLL_S)
+                info = await asyncio.wait_for(_awaited(handle.bolt_ping.remote()), LIVENESS_POLL_S)
                 return bool(info.get("ready"))
             except Exception:
                 self.handles.pop(name, None)
@@ -87,7 +91,12 @@ class SpannerBackend:
         return sorted(self.ownership.live())
 
     async def _call(self, bolt: str, method: str, *args: Any) -> Any:
-        return await asyncio.wait_for(_awaited(getattr(self._handle(bolt), method).remote(*args)), CALL_TIMEOUT_S)
+        handle = await self._handle(bolt)
+        try:
+            return await asyncio.wait_for(_awaited(getattr(handle, method).remote(*args)), CALL_TIMEOUT_S)
+        except Exception:
+            self.handles.pop(bolt, None)  # re-read the route next time (restart, promotion)
+            raise
 
     # --- envoy traffic ------------------------------------------------------------------------
 
