@@ -443,6 +443,7 @@ class Primary:
                 result = partition.admin(op, args)
                 if op == "status":
                     result["replication"] = self.replication_status()
+                    result["primary"] = self.name
                 after = self._position()
             if after != before:  # it wrote: in synchronous mode a standby must hold it first
                 unconfirmed = self._confirmed(after)

@@ -308,6 +308,7 @@ def status(address: Address = client.DEFAULT_ADDRESS, as_json: JsonFlag = False)
     counts = ", ".join(f"{n} {k}" for k, n in info["status_counts"].items() if n) or "none"
     typer.echo(output.kv([
         ("partition", f"{info['partition']} (term {info['term']})"),
+        *([("primary", info["primary"])] if info.get("primary") else []),
         ("bundle", f"{bundle['version']} serial {bundle['serial']}, pushed {output.ago(bundle['pushed_at'])}" if bundle else "none pushed"),
         ("envoys", f"{info['envoys']} ({counts})"),
         ("runs stored", info["runs_stored"]),
