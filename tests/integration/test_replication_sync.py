@@ -164,3 +164,25 @@ def test_5_promote_refusals(sim):
     with pytest.raises(PromoteError, match="has no standby"):
         promote("p9")
     assert sim.route()["primary"] == primary_name, "refusals change nothing"
+
+
+def test_server_status_shows_primary_standbys_positions_and_lag(sim, monkeypatch, capsys):
+    def settled():
+        info = sim.admin("status")
+        rep = info["replication"]
+        done = all(s["in_sync"] and s["lag_bytes"] == 0 and s["position"] == rep["head"] for s in rep["standbys"])
+        return done and info
+
+    info = sim.wait("both standbys at the head with no lag", settled, timeout_s=90)
+    assert info["primary"] == sim.route()["primary"] and info["term"] == sim.route()["term"]
+    assert info["replication"]["mode"] == "synchronous" and len(info["replication"]["standbys"]) == 2
+    from vigo.cli import client
+    from vigo.cli import server as server_cli
+
+    monkeypatch.setattr(client, "cluster_token", lambda: "t")
+    monkeypatch.setattr(client, "find_gateways", lambda address, token: [])
+    monkeypatch.setattr(client, "admin", lambda address, op, args=None: dict(info))
+    server_cli.status(address="http://unused", as_json=False)
+    out = capsys.readouterr().out
+    assert f"primary         {info['primary']}" in out or info["primary"] in out
+    assert "replication" in out and "synchronous" in out and out.count("in sync") == 2

@@ -79,6 +79,8 @@ class Primary:
             self._become_primary(standbys=(route or {}).get("standbys"))
         else:
             self._become_standby(f"started as standby (primary: {(route or {}).get('primary', 'unknown')})")
+            if route:  # fenced from the start: an old-term stream is refused before any arrives
+                self.standby.observe_term(int(route.get("term", 0)))
         threading.Thread(target=self._upkeep, name="vigo-upkeep", daemon=True).start()
         from ray.util.metrics import Counter, Gauge, Histogram
 
