@@ -15,7 +15,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from tests.integration.test_server_e2e import _free_port, run
+from tests.devserver import dev_server, run
 from tests.raycluster import join_envoy, run_envoy_once
 from tests.s3server import S3Server
 from vigo.cli import client
@@ -38,25 +38,20 @@ def primary_pids() -> list[int]:
     return pids
 
 
-def start_server(data: Path, env: dict, ports: dict, s3: S3Server) -> dict:
-    started = run("vigocli", "server", "start", "--dev", "--data-dir", data, "--dashboard-port", ports["dash"],
-                  "--ray-port", ports["ray"], "--port", ports["gw"], "--archive", "s3://archive/dev",
-                  "--archive-endpoint", s3.endpoint_url, "--archive-interval", SYNC_INTERVAL_S, "--json",
-                  env=env, check=None)
-    assert started.returncode == 0, started.stderr
-    return json.loads(started.stdout)
+def archiving(s3: S3Server) -> tuple:
+    """`server start` options: archive to the S3 server on loopback every SYNC_INTERVAL_S."""
+    return ("--archive", "s3://archive/dev", "--archive-endpoint", s3.endpoint_url,
+            "--archive-interval", SYNC_INTERVAL_S)
 
 
 def test_kill_the_primary_restore_and_serve_again(tmp_path, monkeypatch):
     with S3Server() as s3:
         s3.create_bucket("archive")
-        ports = {"dash": _free_port(), "ray": _free_port(), "gw": _free_port()}
-        env = {**s3.env, "VIGO_ADDRESS": f"http://127.0.0.1:{ports['dash']}"}
         for key, value in s3.env.items():
             monkeypatch.setenv(key, value)
         data, restored = tmp_path / "data", tmp_path / "restored"
-        info = start_server(data, env, ports, s3)
-        try:
+        with dev_server(data, *archiving(s3), env=s3.env) as info:
+            env = info["env"]
             envoy = join_envoy(tmp_path / "envoy", info["gateway"], info["join_token"])
             assert run_envoy_once(envoy)["exit_code"] == 0
             acked: list[tuple[str, float]] = []
@@ -82,8 +77,6 @@ def test_kill_the_primary_restore_and_serve_again(tmp_path, monkeypatch):
             time.sleep(0.5)
             stop.set()
             thread.join(timeout=30)
-        finally:
-            run("vigocli", "server", "stop", "--data-dir", data, env=env, check=None)
         assert len(acked) > 20
 
         proc = run("vigocli", "restore", "--from", "s3://archive/dev", "--endpoint-url", s3.endpoint_url,
@@ -103,16 +96,11 @@ def test_kill_the_primary_restore_and_serve_again(tmp_path, monkeypatch):
         assert offline["exit_code"] == 0 and offline.get("flushed", 0) == 0
         # A server on the restored data dir serves the same fleet (same CA, same envoys) and
         # archives a new generation.
-        ports = {"dash": _free_port(), "ray": _free_port(), "gw": ports["gw"]}
-        env["VIGO_ADDRESS"] = f"http://127.0.0.1:{ports['dash']}"
-        start_server(restored, env, ports, s3)
-        try:
+        with dev_server(restored, *archiving(s3), env=s3.env, gateway_port=info["port"]) as again:
             back = run_envoy_once(envoy)
             assert back["exit_code"] == 0 and back["flushed"] >= 2, back
-            listed = json.loads(run("vigocli", "envoys", "show", envoy["id"], "--json", env=env).stdout)
+            listed = json.loads(run("vigocli", "envoys", "show", envoy["id"], "--json", env=again["env"]).stdout)
             assert offline["run_id"] in json.dumps(listed)
-        finally:
-            run("vigocli", "server", "stop", "--data-dir", restored, env=env, check=None)
         from vigo.snapshots.restore import list_generations
         from vigo.snapshots.targets import open_target
 

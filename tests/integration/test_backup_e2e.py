@@ -8,51 +8,28 @@ test_server_e2e.py), stopped with `vigocli server stop` at the end whatever happ
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests import devserver
 from vigo.server.secrets import SecretBox
 from vigo.server.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-BIN = Path(sys.executable).parent
 PASSPHRASE = "an operator's long backup passphrase"
 SECRET = "s3cr3t-from-the-e2e-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(*args, check: int | None = 0, env: dict | None = None, stdin: str | None = None, timeout: float = 180):
-    environ = {k: v for k, v in os.environ.items() if k != "VIGO_BACKUP_PASSPHRASE"}
-    proc = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True,
-                          timeout=timeout, env={**environ, **(env or {})}, input=stdin)
-    if check is not None:
-        assert proc.returncode == check, f"{args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+def run(*args, **kwargs):
+    # The passphrase reaches a command only where a test gives it on purpose.
+    return devserver.run(*args, drop_env=("VIGO_BACKUP_PASSPHRASE",), **kwargs)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("server")
-    dash, ray_port, gw_port = _free_port(), _free_port(), _free_port()
-    env = {"VIGO_ADDRESS": f"http://127.0.0.1:{dash}"}
-    started = run("vigocli", "server", "start", "--dev", "--data-dir", data, "--dashboard-port", dash,
-                  "--ray-port", ray_port, "--port", gw_port, "--json", env=env, check=None)
-    try:
-        assert started.returncode == 0, started.stderr
-        run("vigocli", "secrets", "set", "db_password", env=env, stdin=SECRET)
-        yield {"env": env, "data": data}
-    finally:
-        run("vigocli", "server", "stop", "--data-dir", data, env=env, check=None)
+    with devserver.dev_server(tmp_path_factory.mktemp("server")) as info:
+        run("vigocli", "secrets", "set", "db_password", env=info["env"], stdin=SECRET)
+        yield info
 
 
 @pytest.fixture(scope="module")

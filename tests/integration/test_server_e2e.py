@@ -8,53 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import ssl
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.devserver import dev_server, run
 from vigo import protocol
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(*args, check: int | None = 0, env: dict | None = None, stdin: str | None = None, timeout: float = 180):
-    proc = subprocess.run([str(BIN / args[0]), *map(str, args[1:])], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, input=stdin)
-    if check is not None:
-        assert proc.returncode == check, f"{args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("server")
-    dash, ray_port, gw_port = _free_port(), _free_port(), _free_port()
-    env = {"VIGO_ADDRESS": f"http://127.0.0.1:{dash}"}
-    started = run("vigocli", "server", "start", "--dev", "--data-dir", data, "--dashboard-port", dash,
-                  "--ray-port", ray_port, "--port", gw_port, "--json", env=env, check=None)
-    try:
-        assert started.returncode == 0, started.stderr
-        info = json.loads(started.stdout)
-        info["env"] = env
-        info["data"] = data
+    with dev_server(tmp_path_factory.mktemp("server")) as info:
         yield info
-    finally:
-        run("vigocli", "server", "stop", "--data-dir", data, env=env, check=None)
 
 
 def vigocli(server, *args, check: int | None = 0, stdin: str | None = None):
