@@ -157,3 +157,16 @@ def test_spanner_status_without_spanner_says_how_to_turn_it_on(tmp_path):
     partition = Partition(tmp_path / "p")
     with pytest.raises(ConfigError, match="spanner is not on for partition p0: list the bolts' hosts"):
         partition.admin("spanner.status", {})
+
+
+def test_token_install_refuses_malformed_records_and_installs_a_good_one(tmp_path):
+    from vigo.server.admissions import hash_token
+
+    partition = Partition(tmp_path / "p")
+    good = {"id": "t1", "hash": hash_token("vigo_secret"), "created_at": time.time(),
+            "expires_at": time.time() + 60, "uses": 2}
+    for bad in ({**good, "hash": "xyz"}, {**good, "uses": 0}, {**good, "uses": True}, {**good, "id": ""}):
+        with pytest.raises(ProtocolError, match=r"token\.install expects"):
+            partition.admin("token.install", bad)
+    assert partition.admin("token.install", good) == {"id": "t1"}
+    assert [t["id"] for t in partition.admin("token.list", {})] == ["t1"]

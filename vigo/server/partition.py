@@ -471,6 +471,12 @@ class Partition:
                              note: str = "") -> dict[str, Any]:
         """Spanner: a token created at one bolt, installed at the others (by its hash only) so
         any bolt that owns the join can spend it. Uses are counted by the bolt that serves it."""
+        if not (isinstance(id, str) and 0 < len(id) <= 64 and isinstance(hash, str) and re.fullmatch(r"[0-9a-f]{64}", hash)
+                and isinstance(uses, int) and not isinstance(uses, bool) and uses >= 1
+                and isinstance(expires_at, int | float) and isinstance(created_at, int | float)
+                and isinstance(note, str) and len(note) <= 200):
+            raise ProtocolError("bad_body", "token.install expects id (text), hash (64 hex digits), uses (>= 1), "
+                                            "created_at and expires_at (seconds) and a note of at most 200 characters")
         with self.store.write() as db:
             db.execute("INSERT INTO tokens(id, hash, created_at, expires_at, uses_left, uses_total, note) "
                        "VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO NOTHING",
