@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vigo.snapshots._fs import fsync_path
 from vigo.snapshots.apply import Applier, CorruptSegment, NeedSnapshot, StreamGap
 from vigo.snapshots.stream import Segment, Snapshot
 
@@ -343,11 +344,7 @@ class StandbyCore:
 
     def _sync(self) -> None:
         """One fsync per message (not per segment): the ack below means it is on disk."""
-        fd = os.open(self.data_dir / "state.db", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(self.data_dir / "state.db")
         self.applier._save(durable=True)
 
     def receive_snapshot_chunk(self, *, generation: str, index: int, offset: int, data: bytes, size: int,

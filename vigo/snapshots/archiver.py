@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vigo.snapshots._fs import fsync_path
 from vigo.snapshots.stream import Segment, Snapshot, decode_segment, encode_segment, merge_segments
 
 log = logging.getLogger("vigo.snapshots.archiver")
@@ -196,20 +197,12 @@ class Archiver:
             pending = [s for s in self._queue if not s.synced]
         for item in pending:
             try:
-                fd = os.open(item.path, os.O_RDONLY)
+                fsync_path(item.path)
             except FileNotFoundError:
                 continue  # uploaded meanwhile
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
             item.synced = True
         if pending:
-            fd = os.open(self.spool_dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(self.spool_dir)
 
     def snapshot_due(self) -> bool:
         return self.clock() - self._last_snapshot_at >= self.snapshot_interval_s

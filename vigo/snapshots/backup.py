@@ -64,6 +64,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 import vigo
 from vigo.errors import ConfigError, VigoError
+from vigo.snapshots._fs import fsync_path
 
 MAGIC = b"VIGOBKUP"
 FORMAT_VERSION = 1
@@ -277,7 +278,7 @@ def create_backup(conn: apsw.Connection, out: Path, key: BackupKey, *, partition
         size = _write_unit(unit, header, manifest, keys, snapshot, trees, chunk_bytes, progress)
         try:
             os.replace(unit, out)
-            _fsync_dir(out.parent)
+            fsync_path(out.parent)
         except OSError as exc:
             raise BackupError(f"cannot move the finished backup into place at {out}: {exc}") from exc
     finally:
@@ -415,14 +416,6 @@ def _bytes_chunks(data: bytes, chunk_bytes: int) -> Iterator[bytes]:
     yield data[:chunk_bytes]
     for start in range(chunk_bytes, len(data), chunk_bytes):
         yield data[start:start + chunk_bytes]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- read ---------------------------------------------------------------------------------
@@ -742,7 +735,7 @@ def restore_backup(path: Path | str, key: str | bytes | BackupKey, data_dir: Pat
         try:
             removed = _remove(data_dir, _STATE_FILES[1:]) + ([DATABASE_ENTRY] if target.exists() else [])
             os.replace(work / DATABASE_ENTRY, target)
-            _fsync_dir(data_dir)
+            fsync_path(data_dir)
             removed += _remove(data_dir, (*_TREE_DIRS, "server.yaml"))
         except OSError as exc:
             raise BackupError(f"cannot put the restored database in place at {target}: {exc}") from exc

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vigo.errors import ConfigError, VigoError
+from vigo.snapshots._fs import fsync_path
 from vigo.snapshots.apply import Applier, StreamGap
 from vigo.snapshots.stream import decode_segment
 
@@ -224,11 +225,11 @@ def restore(url: str, data_dir: Path | str, *, partition: str | None = None, to_
                 fut.cancel()
         _check_database(work / "state.db", applier)
         position = applier.position()
-        _fsync(work / "state.db")
+        fsync_path(work / "state.db")
         for suffix in ("-wal", "-shm"):
             Path(f"{final_db}{suffix}").unlink(missing_ok=True)
         os.replace(work / "state.db", final_db)
-        _fsync(data_dir)
+        fsync_path(data_dir)
         # Stream state of whatever lived here before must not survive: a new generation starts.
         shutil.rmtree(data_dir / "stream", ignore_errors=True)
         shutil.rmtree(data_dir / "archive-spool", ignore_errors=True)
@@ -285,14 +286,6 @@ def _materialise(data_dir: Path) -> int:
         return store.materialise_trees()
     finally:
         store.close()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _iso(ts: float | None) -> str:

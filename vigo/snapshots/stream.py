@@ -39,6 +39,7 @@ import apsw
 
 from vigo.errors import StoreError
 from vigo.snapshots import walformat as wf
+from vigo.snapshots._fs import fsync_path
 
 log = logging.getLogger("vigo.snapshots.stream")
 
@@ -208,7 +209,7 @@ class WalStream:
             os.close(fd)
         os.replace(tmp, self._state_path)
         if durable:
-            _fsync_dir(self.state_dir)
+            fsync_path(self.state_dir)
 
     def position(self) -> tuple[str, int, int] | None:
         return None if self.state is None else (self.state.generation, self.state.index, self.state.offset)
@@ -420,14 +421,6 @@ def _copy_fd(src_fd: int, dest: Path, chunk: int = 8 * 1024 * 1024) -> tuple[int
         os.close(out)
     os.replace(tmp, dest)
     return offset, digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- segments as bytes (the archive's objects, the spool's files) ---------------------------

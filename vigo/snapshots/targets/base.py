@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from vigo.errors import VigoError
+from vigo.snapshots._fs import fsync_path
 
 #: ``progress(bytes_done, bytes_total)``; called from the calling thread, never concurrently.
 Progress = Callable[[int, int], None]
@@ -269,11 +270,7 @@ def hash_stream(src: BinaryIO) -> tuple[str, int]:
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename or link in ``path`` durable (the entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 @contextmanager
