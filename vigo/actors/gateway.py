@@ -22,6 +22,7 @@ from vigo import config as config_mod
 from vigo.actors import NAMESPACE
 from vigo.errors import NotPrimaryError
 from vigo.raytoken import load_token
+from vigo.server.admissions import cert_fingerprint
 from vigo.server.gateway import GatewayServer
 
 log = logging.getLogger("vigo.actors.gateway")
@@ -217,13 +218,6 @@ class Gateway:
         if server is None:
             return "vigo-gateway[starting]"
         return f"vigo-gateway@{self.advertise}:{server.port} cert={self.cert_fingerprint}"
-
-
-def cert_fingerprint(cert_pem: bytes) -> str:
-    import hashlib
-    import ssl
-
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert_pem.decode())).hexdigest()
 
 
 def _is_ip(text: str) -> bool:

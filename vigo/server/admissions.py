@@ -401,6 +401,13 @@ def spend_token(record: TokenRecord | None, *, now: float, token: str | None = N
     return dataclasses.replace(record, uses_left=record.uses_left - 1)
 
 
+
+def cert_fingerprint(cert_pem: bytes | str) -> str:
+    """SHA-256 of a PEM certificate's DER bytes, hex: how gateways are pinned and how the
+    spanner roster names an admitted envoy's certificate."""
+    pem = cert_pem.decode() if isinstance(cert_pem, bytes) else cert_pem
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
+
 # --- revocation ---------------------------------------------------------------------------
 
 

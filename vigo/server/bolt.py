@@ -17,26 +17,20 @@ No Ray here. The bolt actor (vigo/actors/primary.py) owns one ``BoltCore`` next 
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import ssl
 import threading
 import time
 from typing import Any
 
 from vigo.config import SpannerConfig
 from vigo.roster import Ownership, OwnershipConfig, Replica, Snapshot, State, SyncConfig
+from vigo.server.admissions import cert_fingerprint
 
 log = logging.getLogger("vigo.server.bolt")
 
 
 def bolt_name(host: str) -> str:
     return f"bolt-{host}"
-
-
-def cert_fingerprint(cert_pem: bytes | str) -> str:
-    pem = cert_pem.decode() if isinstance(cert_pem, bytes) else cert_pem
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
 
 
 class BoltCore:
