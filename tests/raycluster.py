@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import ray
 from ray.cluster_utils import Cluster
 
+from tests.devserver import free_port
 from vigo.actors import NAMESPACE
 from vigo.actors.deploy import deploy
 from vigo.config import ServerConfig
@@ -31,12 +31,6 @@ from vigo.config import ServerConfig
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
                  "health_check_initial_delay_ms": 0}
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SimCluster:

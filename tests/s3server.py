@@ -33,6 +33,8 @@ import botocore.config
 import pytest
 from moto.server import ThreadedMotoServer
 
+from tests.devserver import free_port  # re-exported for benchmarks: a kept port survives a restart
+
 HOST = "127.0.0.1"
 REGION = "us-east-1"
 #: Dummy credentials (moto accepts any), plus settings that keep boto3 away from real ones:
@@ -49,13 +51,6 @@ DUMMY_AWS_ENV = {
 }
 #: How long a control request to moto (reset) may take before the test fails instead of hanging.
 CONTROL_TIMEOUT_S = 10.0
-
-
-def free_port() -> int:
-    """A port nobody listens on right now. We keep it, so a restart comes back on the same one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 class S3Server:
