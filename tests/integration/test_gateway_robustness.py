@@ -10,6 +10,7 @@ import asyncio
 import socket
 import ssl
 import struct
+import threading
 
 import msgpack
 import pytest
@@ -175,12 +176,16 @@ def test_slow_and_silent_clients_do_not_hold_up_others(gw):
 
 
 def test_overload_answers_retry_after(tmp_path):
-    with running_gateway(tmp_path / "s", queue_max=1, batch_wait_ms=1000) as gateway:
+    with running_gateway(tmp_path / "s", queue_max=1, batch_max=1, batch_wait_ms=0) as gateway:
         async def scenario():
             conns = []
             for _ in range(6):
                 reader, writer = await _open(gateway)
                 conns.append(protocol.FrameConnection(reader, writer))
+            # A primary that is busy: the two batches in flight cannot finish, the batcher holds
+            # a third, one request waits in the queue, and the rest must be shed, not queued.
+            gateway.backend.lock.acquire()
+            threading.Timer(2.0, gateway.backend.lock.release).start()
             results = await asyncio.gather(
                 *(c.request("join", {"token": "vigo_x", "csr_pem": b"x", "hostname": "h"}) for c in conns),
                 return_exceptions=True)
