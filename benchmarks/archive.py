@@ -52,7 +52,6 @@ import logging
 import os
 import platform
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -76,6 +75,7 @@ from vigo.config import ServerConfig
 from vigo.server import fleet
 from vigo.server.partition import Partition
 from vigo.snapshots import backup as backup_mod
+from vigo.snapshots import layout
 from vigo.snapshots import restore as restore_mod
 from vigo.snapshots import targets as targets_mod
 from vigo.snapshots.archiver import Archiver
@@ -95,7 +95,6 @@ BULK_ROWS_PER_TX = 3000
 BUCKET = "vigo-bench-archive"
 #: How long to wait for an archiver's spool to drain before giving up, seconds.
 DRAIN_TIMEOUT_S = 300.0
-_WAL_KEY = re.compile(r"/wal/(?P<index>[0-9a-f]{8})/(?P<start>[0-9a-f]{16})-(?P<end>[0-9a-f]{16})\.seg$")
 _S3_CHILD = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -329,8 +328,9 @@ class Observer:
         """Per commit: when the first object covering it appeared, minus its seal time."""
         objects: dict[int, list[tuple[int, int, float]]] = {}
         for key, seen in self.seen.items():
-            if (m := _WAL_KEY.search(key)) is not None:
-                objects.setdefault(int(m["index"], 16), []).append((int(m["start"], 16), int(m["end"], 16), seen))
+            if (parsed := layout.parse_segment_key(key)) is not None:
+                index, start, end = parsed
+                objects.setdefault(index, []).append((start, end, seen))
         lags, missing = [], 0
         for index, end, sealed in commits:
             covering = [seen for start, stop, seen in objects.get(index, ()) if start < end <= stop]
@@ -511,7 +511,7 @@ def lag_section(kind: str, args: argparse.Namespace, work: Path, s3: S3Service |
         load.prepare(int(args.rate * args.duration))
         commits = CommitLog()
         partition.store.stream.consumers.append(commits)
-        observer = Observer(cfg.archive.url, cfg.archive.endpoint_url, f"{cfg.partition}/generations/{gen}/wal/",
+        observer = Observer(cfg.archive.url, cfg.archive.endpoint_url, layout.wal_prefix(cfg.partition, gen),
                             partition.store.stream.state.index, args.poll_ms / 1000)
         s3_pid = s3.pid if (kind == "s3" and s3 is not None) else None
         try:

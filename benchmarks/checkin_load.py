@@ -350,10 +350,12 @@ class RayHelper:
 
 def ray_helper_main(ray_port: int) -> int:
     """The helper's side: one JSON answer line per command line on stdin."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from vigo.actors.runtime import RAY
+
+    # The dev head listens on loopback only: RAY.connect keeps this driver there too.
+    RAY.connect(f"{HOST}:{ray_port}")
     import ray
 
-    ray.init(address=f"{HOST}:{ray_port}", namespace="vigo", logging_level="ERROR", log_to_driver=False)
     gateway = ray.get_actor(f"gateway-{socket.gethostname()}", namespace="vigo")
 
     def answer(payload: dict[str, Any]) -> None:
@@ -493,10 +495,10 @@ async def join_all(n: int, facts: FleetFacts, tokens: list[str], csr_pem: bytes,
                    timeout_s: float) -> tuple[list[SimEnvoy], dict[str, int], float]:
     """``n`` real joins through the envoy's client code, at most ``concurrency`` at once; join
     ``i`` spends ``tokens[i // MAX_TOKEN_USES]``."""
-    from vigo.agent.client import EnvoyClient, _anonymous_context
-    from vigo.errors import ServerError
+    from vigo.agent.transport import EnvoyClient, anonymous_context
+    from vigo.errors import ServerError, TransportError
 
-    ctx = _anonymous_context()
+    ctx = anonymous_context()
     joined: list[SimEnvoy] = []
     errors: collections.Counter[str] = collections.Counter()
     next_index = iter(range(n))
@@ -514,7 +516,7 @@ async def join_all(n: int, facts: FleetFacts, tokens: list[str], csr_pem: bytes,
                                            bytes(answer["certificate_pem"]), bytes(answer["ca_pem"]),
                                            traits_digest=uuid.uuid4().hex * 2))
                     break
-                except ServerError as exc:
+                except (ServerError, TransportError) as exc:
                     errors[exc.code] += 1
                     if exc.code not in ("overloaded", "unavailable"):
                         break
@@ -578,13 +580,13 @@ class PingProbe:
         self._conn: SimEnvoy | None = None
 
     async def start(self) -> None:
-        from vigo.agent.client import _anonymous_context
+        from vigo.agent.transport import anonymous_context
 
         host, port = self.gateway.rsplit(":", 1)
         self._conn = SimEnvoy(-1, "ping-probe", "", 0, b"", b"")
         async with asyncio.timeout(30):
             self._conn.reader, self._conn.writer = await asyncio.open_connection(
-                host, int(port), ssl=_anonymous_context(), server_hostname=host)
+                host, int(port), ssl=anonymous_context(), server_hostname=host)
         self._task = asyncio.create_task(self._loop())
 
     async def _loop(self) -> None:

@@ -251,13 +251,13 @@ def stop_server(data_dir: Path) -> str | None:
 
 async def join_envoys(gateway: str, token: str, count: int, first_index: int, concurrency: int = 32) -> int:
     """``count`` real joins (one anonymous TLS connection each; one key for every CSR)."""
-    from vigo.agent.client import EnvoyClient, _anonymous_context
     from vigo.agent.enrolment import make_envoy_key_and_csr
     from vigo.agent.traits import collect
+    from vigo.agent.transport import EnvoyClient, anonymous_context
 
     _, csr_pem = make_envoy_key_and_csr("cli-latency-envoy")
     traits = collect(None)
-    ctx = _anonymous_context()
+    ctx = anonymous_context()
     indexes = iter(range(first_index, first_index + count))
     joined = 0
 

@@ -10,8 +10,8 @@ on the same data dir and ports, exactly as an operator would; never ``ray stop``
 
 Envoys: ``--envoys`` in-process asyncio envoys in this one process (500 daemon processes would
 not fit a small machine), each running the daemon's real connection code
-(``vigo.agent.daemon.Link``: TLS, check-in, reconnect backoff with full jitter, the paced flush
-of ``vigo.agent.client.flush_paced``) over its own state dir, certificate (a real join) and LMDB
+(``vigo.agent.link.Link``: TLS, check-in, reconnect backoff with full jitter, the paced flush
+of ``vigo.agent.session.flush``) over its own state dir, certificate (a real join) and LMDB
 cache. The caches share one cache thread (each cache is only ever used from it).
 
 1. start the server, push a one-file stack (into the dev server's stack folder, so a restart
@@ -59,9 +59,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import vigo
 from vigo.agent import backoff, runner, traits
-from vigo.agent.client import join_fleet
-from vigo.agent.daemon import CacheThread, EnvoyConfig, Link
-from vigo.policy.keys import parse_public_key
+from vigo.agent.config import EnvoyConfig
+from vigo.agent.daemon import CacheThread
+from vigo.agent.join import join_fleet
+from vigo.agent.link import Link
+from vigo.crypto.keys import parse_public_key
 
 RESULTS_PATH = Path(__file__).parent / "results" / "outage_recovery.json"
 TARGET_S = 30.0

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from vigo.policy.keys import generate_keypair, load_private_key, load_public_key
+from vigo.crypto.keys import generate_keypair, load_private_key, load_public_key
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_STACK = REPO / "examples" / "stack"

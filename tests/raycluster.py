@@ -7,6 +7,11 @@ SIGKILLs the vigo actor processes on it and removes its raylet without a gracefu
 the same data dir: hosts here share one disk, so data dirs are ``ROOT/{host}``).
 
 Health checks are tuned as docs/operations.md recommends for fast failover (1 s x 3).
+
+With ``node_ips=True`` every non-head node gets an address of its own on loopback
+(127.0.0.11, .12, ...; Linux routes all of 127/8 to lo), so gateways configured with
+``listen.host: node-ip`` can run on every node at once, each on its own address and the same
+port, as on real hosts.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import ray
 from ray.cluster_utils import Cluster
 
 from tests.devserver import free_port
-from vigo.actors import NAMESPACE
 from vigo.actors.deploy import deploy
+from vigo.actors.runtime import NAMESPACE
 from vigo.config import ServerConfig
 
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
@@ -34,19 +39,28 @@ BIN = Path(sys.executable).parent
 
 
 class SimCluster:
-    def __init__(self, root: Path, hosts: tuple[str, ...] = ("a", "b", "c")) -> None:
+    def __init__(self, root: Path, hosts: tuple[str, ...] = ("a", "b", "c"), *, node_ips: bool = False) -> None:
         self.root = root
         self.hosts = hosts
         self.nodes: dict[str, Any] = {}
         self.cluster: Cluster | None = None
         self.port = free_port()
+        self.node_ips = node_ips
+        self._ips: dict[str, str] = {}
+
+    def node_args(self, host: str) -> dict[str, Any]:
+        """``add_node`` arguments of the node labelled ``host`` (the same address each time)."""
+        args: dict[str, Any] = {"num_cpus": 2, "labels": {"vigo-host": host}}
+        if self.node_ips:
+            args["node_ip_address"] = self._ips.setdefault(host, f"127.0.0.{11 + len(self._ips)}")
+        return args
 
     def start(self) -> SimCluster:
         self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
             "num_cpus": 2, "labels": {"vigo-host": "head"}, "include_dashboard": False,
             "_system_config": HEALTH_CHECKS})
         for host in self.hosts:
-            self.nodes[host] = self.cluster.add_node(num_cpus=2, labels={"vigo-host": host})
+            self.nodes[host] = self.cluster.add_node(**self.node_args(host))
         self.cluster.wait_for_nodes()
         ray.init(address=self.cluster.address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
         return self
@@ -124,7 +138,8 @@ class SimCluster:
         return killed_at
 
     def restore_host(self, host: str) -> None:
-        self.nodes[host] = self.cluster.add_node(num_cpus=2, labels={"vigo-host": host})
+        """Add the node labelled ``host``: one that was killed, or one that joins for the first time."""
+        self.nodes[host] = self.cluster.add_node(**self.node_args(host))
         self.cluster.wait_for_nodes()
 
     def wait(self, what: str, predicate, timeout_s: float = 60.0, every_s: float = 0.2) -> Any:

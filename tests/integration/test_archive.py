@@ -17,8 +17,10 @@ import pytest
 
 from tests.s3server import aws_env, s3_server  # noqa: F401  (fixtures)
 from vigo.config import ServerConfig
+from vigo.errors import RestoreError
 from vigo.server.partition import Partition
-from vigo.snapshots.restore import RestoreError, list_generations, plan_restore, restore
+from vigo.snapshots.layout import list_generations
+from vigo.snapshots.restore import plan_restore, restore
 from vigo.snapshots.targets import open_target
 
 pytestmark = pytest.mark.timeout(300)

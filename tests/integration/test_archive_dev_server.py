@@ -26,13 +26,17 @@ SYNC_INTERVAL_S = 1.0
 UPLOAD_SLACK_S = 0.5
 
 
-def primary_pids() -> list[int]:
-    """The primary actor's worker process (Ray titles it ``ray::Primary...``)."""
+def primary_pids(data: Path) -> list[int]:
+    """The primary's member actor worker process (Ray titles it ``ray::Member...``) of the dev
+    head on ``data``: not another Ray's on this machine."""
+    from vigo.cli.server import DEV_MARKER, dev_head_pids
+
+    marker = json.loads((data / DEV_MARKER).read_text())
     pids = []
-    for proc in Path("/proc").iterdir():
+    for pid in dev_head_pids(marker["temp_dir"], marker.get("session")):
         try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Primary"):
-                pids.append(int(proc.name))
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::Member"):
+                pids.append(pid)
         except OSError:
             continue
     return pids
@@ -70,7 +74,7 @@ def test_kill_the_primary_restore_and_serve_again(tmp_path, monkeypatch):
             thread = threading.Thread(target=writer, daemon=True)
             thread.start()
             time.sleep(6)
-            pids = primary_pids()
+            pids = primary_pids(data)
             assert len(pids) == 1, pids
             killed_at = time.time()
             os.kill(pids[0], signal.SIGKILL)
@@ -101,7 +105,7 @@ def test_kill_the_primary_restore_and_serve_again(tmp_path, monkeypatch):
             assert back["exit_code"] == 0 and back["flushed"] >= 2, back
             listed = json.loads(run("vigocli", "envoys", "show", envoy["id"], "--json", env=again["env"]).stdout)
             assert offline["run_id"] in json.dumps(listed)
-        from vigo.snapshots.restore import list_generations
+        from vigo.snapshots.layout import list_generations
         from vigo.snapshots.targets import open_target
 
         gens = list_generations(open_target("s3://archive/dev", endpoint_url=s3.endpoint_url), "p0")

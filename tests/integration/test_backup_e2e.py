@@ -13,7 +13,7 @@ import pytest
 
 from tests import devserver
 from vigo.server.secrets import SecretBox
-from vigo.server.store import Store
+from vigo.state.store import Store
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 PASSPHRASE = "an operator's long backup passphrase"

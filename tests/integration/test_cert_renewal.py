@@ -29,14 +29,16 @@ from cryptography.x509.oid import NameOID
 
 from tests.helpers import EXAMPLE_STACK, SECRET, cli, run_cli, write_traits_dir
 from tests.serverharness import RunningGateway, running_gateway, stack_files
-from vigo.agent import client as client_mod
 from vigo.agent import identity, runner
+from vigo.agent import once as client_mod
 from vigo.agent.cache import Cache
 from vigo.agent.cli import main as cli_main
-from vigo.agent.client import EnvoyClient
-from vigo.agent.daemon import CacheThread, EnvoyConfig, Link
+from vigo.agent.config import EnvoyConfig
+from vigo.agent.daemon import CacheThread
 from vigo.agent.enrolment import make_envoy_key_and_csr, tls_client_context
+from vigo.agent.link import Link
 from vigo.agent.runner import RunOptions
+from vigo.agent.transport import EnvoyClient
 from vigo.errors import ServerError
 from vigo.server.admissions import cert_serial
 
@@ -289,7 +291,7 @@ def test_a_bad_renewal_answer_never_replaces_a_working_pair(gw, dirs, monkeypatc
         return {"certificate_pem": wrong, "not_after": time.time() + 3600}
 
     monkeypatch.setattr(EnvoyClient, "renew", bad_renew)
-    with caplog.at_level(logging.WARNING, logger="vigo.agent.client"):
+    with caplog.at_level(logging.WARNING, logger="vigo.agent.join"):
         result = asyncio.run(client_mod.run_once(RunOptions(state_dir=dirs["state"], root=dirs["root"],
                                                               traits_dir=dirs["traits"])))
     assert result["server"] == gw.address and result["report"]["offline"] is False
@@ -349,7 +351,7 @@ def test_a_gateway_refusing_the_certificate_as_expired_is_a_lapse_too(gw, dirs, 
 
     # The envoy's clock is behind: its own check passes, the gateway refuses.
     monkeypatch.setattr(identity.Identity, "expired", lambda self, now=None: False)
-    with caplog.at_level(logging.WARNING, logger="vigo.agent.client"):
+    with caplog.at_level(logging.WARNING, logger="vigo.agent.once"):
         result = asyncio.run(client_mod.run_once(RunOptions(state_dir=dirs["state"], root=dirs["root"],
                                                               traits_dir=dirs["traits"])))
     assert result["server"] is None and result["report"]["offline"] is True and result["queued"] == 1

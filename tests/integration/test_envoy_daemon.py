@@ -14,7 +14,7 @@ id (nothing lost, nothing stored twice), plus config reload and survival of brok
                      present its (older) bundle to an envoy that is ahead.
 5. kill -9           subprocess daemons killed mid-run and mid-flush, over and over.
 6. herd              200 envoys reconnecting at once. Not 200 subprocess daemons (they would not
-                     fit this 2-core machine): 200 in-process ``vigo.agent.daemon.Link`` objects,
+                     fit this 2-core machine): 200 in-process ``vigo.agent.link.Link`` objects,
                      the daemon's real connection, backoff and paced-flush code, each with its
                      own state dir, certificate and LMDB cache, in one event loop.
 
@@ -56,7 +56,9 @@ from tests.helpers import (
 from tests.serverharness import ADMIN_TOKEN, InProcessBackend, stack_files
 from vigo.agent import runner
 from vigo.agent.cache import Cache
-from vigo.agent.daemon import CacheThread, EnvoyConfig, Link
+from vigo.agent.config import EnvoyConfig
+from vigo.agent.daemon import CacheThread
+from vigo.agent.link import Link
 from vigo.config import ServerConfig
 from vigo.server.gateway import GatewayServer
 from vigo.server.partition import Partition
@@ -610,7 +612,7 @@ def test_a_herd_of_200_envoys_reconnecting_at_once_flushes_everything(tmp_path: 
 
 
 async def _join_all(server: str, token: str, states: list[Path]) -> None:
-    from vigo.agent.client import join_fleet
+    from vigo.agent.join import join_fleet
 
     gate = asyncio.Semaphore(16)
 
@@ -625,8 +627,8 @@ def _queue_offline_reports(fleet: Fleet, states: list[Path]) -> dict[str, set[st
     """Ten real offline runs per envoy (the fleet's bundle, from a fetch of it, converged
     against fresh traits into the envoy's own root), queued in its cache."""
     from vigo.agent import traits
+    from vigo.crypto.keys import parse_public_key
     from vigo.policy import bundle as bundle_mod
-    from vigo.policy.keys import parse_public_key
 
     data = fleet.partition.bundle_bytes(fleet.partition.current_serial())
     host_traits = traits.collect(None)

@@ -41,9 +41,9 @@ from tests.helpers import (
 )
 from vigo.agent.cache import Cache
 from vigo.agent.runner import LOCK_FILE, open_cache, run_lock
-from vigo.agent.sealing import KEY_FILE
+from vigo.crypto.aead import KEY_FILE
+from vigo.crypto.keys import key_id, load_public_key
 from vigo.policy import bundle as bundle_mod
-from vigo.policy.keys import key_id, load_public_key
 
 pytestmark = pytest.mark.integration
 

@@ -26,15 +26,10 @@ import pytest
 from tests.helpers import EXAMPLE_STACK, SECRET, build_bundle, run_cli, write_traits_dir
 from tests.serverharness import InProcessBackend, stack_files
 from vigo.agent.cache import Cache
-from vigo.agent.client import (
-    CA_FILE,
-    CERT_FILE,
-    KEY_FILE,
-    EnvoyClient,
-    check_gateway_cert,
-    parse_server,
-)
 from vigo.agent.enrolment import tls_client_context
+from vigo.agent.identity import CA_FILE, CERT_FILE, KEY_FILE
+from vigo.agent.join import check_gateway_cert
+from vigo.agent.transport import EnvoyClient, parse_server
 from vigo.errors import AdmissionError, ConfigError
 from vigo.server.admissions import FleetCA
 from vigo.server.gateway import GatewayServer
@@ -236,7 +231,8 @@ def test_parse_server_and_light_imports():
     for bad in ("gw", "gw:0", "gw:70000", ":7700", "::1:7700"):
         with pytest.raises(ConfigError):
             parse_server(bad)
-    probe = ("import sys, vigo.agent.client, vigo.agent.cli\n"
+    probe = ("import sys, vigo.agent.transport, vigo.agent.session, vigo.agent.join, vigo.agent.once, "
+             "vigo.agent.link, vigo.agent.daemon, vigo.agent.cli\n"
              "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'vigo.server'))))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"

@@ -109,8 +109,8 @@ def test_second_push_reaches_envoys_on_next_run(server, fleet, tmp_path):
 def test_same_report_twice_is_stored_once(server, fleet):
     e = fleet["envoys"][0]
     before = json.loads(vigocli(server, "envoys", "show", e["id"], "--json").stdout)["run_count"]
-    from vigo.agent.client import EnvoyClient  # noqa: F401  (the envoy's own client)
     from vigo.agent.runner import open_cache
+    from vigo.agent.transport import EnvoyClient  # noqa: F401  (the envoy's own client)
 
     cache = open_cache(e["state"])
     try:

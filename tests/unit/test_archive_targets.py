@@ -23,17 +23,16 @@ import botocore.config
 import pytest
 
 from tests.s3server import S3Server, aws_env, s3_server  # noqa: F401  (fixtures)
-from vigo.errors import ConfigError
-from vigo.snapshots.targets import (
+from vigo.errors import (
+    ConfigError,
     InvalidRequest,
     NotFound,
     ObjectConflict,
     ObjectCorrupt,
-    Target,
     TargetError,
     TargetUnavailable,
-    open_target,
 )
+from vigo.snapshots.targets import Target, open_target
 from vigo.snapshots.targets.file import FileTarget
 from vigo.snapshots.targets.s3 import S3Target
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from vigo.server.store import Store
 from vigo.snapshots.archiver import Archiver
 from vigo.snapshots.targets import open_target
+from vigo.state.store import Store
 
 
 class WritesWhileUploading:

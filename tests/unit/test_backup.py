@@ -22,17 +22,17 @@ from tests.conftest import EXAMPLE_STACK
 from tests.s3server import aws_env, s3_server  # noqa: F401  (fixtures)
 from tests.serverharness import stack_files
 from vigo.agent.enrolment import make_envoy_key_and_csr
-from vigo.errors import ConfigError
-from vigo.server.partition import Partition
-from vigo.server.secrets import SecretBox
-from vigo.snapshots import backup
-from vigo.snapshots.backup import (
+from vigo.errors import (
     BackupCorruptError,
     BackupError,
     BackupFormatError,
-    BackupKey,
     BackupKeyError,
+    ConfigError,
 )
+from vigo.server.partition import Partition
+from vigo.server.secrets import SecretBox
+from vigo.snapshots import backup
+from vigo.snapshots.backup import BackupKey
 
 PASSPHRASE = "correct horse battery staple"
 FAST = {"n": backup.MIN_SCRYPT_N, "r": 8, "p": 1}

@@ -6,9 +6,9 @@ import msgpack
 import pytest
 
 from tests.conftest import EXAMPLE_STACK, write_stack
+from vigo.crypto.keys import generate_keypair, key_id, load_private_key, load_public_key
 from vigo.errors import BundleFormatError, SignatureError, SigningKeyError, StackError
 from vigo.policy import bundle as bundle_mod
-from vigo.policy.keys import generate_keypair, key_id, load_private_key, load_public_key
 from vigo.policy.stack import load_stack
 
 SECRETS = {"api_token": "tok-123456", "unused": "never-shipped"}

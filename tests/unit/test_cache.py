@@ -32,7 +32,7 @@ from tests.helpers import (
     write_policy,
 )
 from vigo.agent.cache import SUMMARY, Cache
-from vigo.agent.sealing import KEY_FILE, Sealer, load_or_create_key
+from vigo.crypto.aead import KEY_FILE, Sealer, load_or_create_key
 from vigo.errors import BundleRefusedError, CacheError, SecretError
 from vigo.policy.bundle import Bundle
 

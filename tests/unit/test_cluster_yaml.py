@@ -180,14 +180,56 @@ def test_head_deploys_vigo_after_ray_starts() -> None:
     assert _raw()["file_mounts"][config_path] == "deploy/server.yaml"
 
 
-def test_vigo_is_installed_with_server_extras() -> None:
-    assert any("'vigo[server]'" in c and "pip install" in c for c in _raw()["setup_commands"])
+def _pip_installs() -> list[list[str]]:
+    """Every `pip install` in setup_commands, as words (one command may hold several)."""
+    installs = []
+    for command in _raw()["setup_commands"]:
+        for part in command.split(";"):
+            words = shlex.split(part)
+            if len(words) > 1 and words[0].endswith("/pip") and words[1] == "install":
+                installs.append(words)
+    return installs
+
+
+def test_server_dependencies_install_hash_checked_from_the_lock() -> None:
+    mounts = _raw()["file_mounts"]
+    (deps,) = [w for w in _pip_installs() if "--require-hashes" in w]
+    lock = deps[deps.index("-r") + 1]
+    # ~/vigo/requirements/server.txt is requirements/server.txt carried by file_mounts.
+    remote_dir, file_name = lock.rsplit("/", 1)
+    assert mounts[remote_dir] == "requirements" and file_name == "server.txt"
+    assert (REPO / "requirements" / file_name).is_file()
+
+
+def test_vigo_installs_from_the_carried_wheel_never_from_an_index() -> None:
+    mounts = _raw()["file_mounts"]
+    (wheel,) = [w for w in _pip_installs() if "--require-hashes" not in w]
+    assert "--no-deps" in wheel  # every dependency came from the hash-checked lock
+    (target,) = [w for w in wheel[2:] if not w.startswith("-")]
+    remote_dir, pattern = target.rsplit("/", 1)
+    assert mounts[remote_dir] == "dist"  # where scripts/build-wheel writes the wheel
+    assert pattern == "vigo_fleet-*.whl"
+    # The distribution `vigo` on the public index is an unrelated project.
+    for words in _pip_installs():
+        assert not any(w == "vigo" or w.startswith(("vigo[", "vigo==")) for w in words), words
+
+
+def test_header_says_how_to_run_ray_up() -> None:
+    # Ray >= 2.50's autoscaler v2 never starts a local provider's workers; v1 does.
+    header = CLUSTER_YAML.read_text().split("\ncluster_name:", 1)[0]
+    assert "RAY_UP_enable_autoscaler_v2=0 ray up cluster.yaml" in header
+    assert "scripts/build-wheel" in header
+    assert "never as root" in header
 
 
 def test_file_mount_sources_exist() -> None:
     for remote, local in _raw()["file_mounts"].items():
-        if not local.startswith("~"):  # the token lives in the operator's home, not the repo
-            assert (REPO / local).is_file(), f"{remote}: {local}"
+        if local.startswith("~"):  # the token lives in the operator's home, not the repo
+            continue
+        if local == "dist":  # built by scripts/build-wheel before `ray up`, not committed
+            assert (REPO / "scripts" / "build-wheel").is_file()
+            continue
+        assert (REPO / local).exists(), f"{remote}: {local}"
 
 
 # --- deploy/server.yaml ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vigo.agent.daemon import (
+from vigo.agent.config import (
     DEFAULT_CONFIG_PATH,
     EnvoyConfig,
     config_path,

@@ -2,7 +2,8 @@
 
 import pytest
 
-from vigo.policy.graph import CycleError, Node, dependents, order
+from vigo.errors import CycleError
+from vigo.policy.graph import Node, dependents, order
 
 
 def test_declaration_order_kept_without_edges():

@@ -10,7 +10,8 @@ from pathlib import Path
 import apsw
 
 from vigo.server.partition import Partition
-from vigo.server.replication import ReplicationLog, StandbyCore, Work
+from vigo.server.peer.replication import ReplicationLog, Work
+from vigo.server.peer.standby import StandbyCore
 
 
 def deliver(log: ReplicationLog, name: str, core: StandbyCore, work: Work, term: int) -> dict:

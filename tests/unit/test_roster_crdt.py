@@ -10,14 +10,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vigo.roster
-from vigo.errors import VigoError
+from vigo.errors import RosterError, RosterFormatError, RosterRefusedError, VigoError
 from vigo.roster import (
     SHARDS,
     ReplicaId,
     Roster,
-    RosterError,
-    RosterFormatError,
-    RosterRefusedError,
     ShardState,
     State,
     decode,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vigo.errors import ConfigError
-from vigo.roster import Ownership, OwnershipConfig, RosterError, rank, weight
+from vigo.errors import ConfigError, RosterError
+from vigo.roster import Ownership, OwnershipConfig, rank, weight
 
 BOLTS = [f"bolt{i}" for i in range(5)]
 ENVOYS = [f"web-{i:05d}.example.com" for i in range(20_000)]

@@ -13,13 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from vigo.errors import ConfigError
+from vigo.errors import ConfigError, RosterFormatError, RosterRefusedError
 from vigo.roster import (
     SHARDS,
     ReplicaId,
     Roster,
-    RosterFormatError,
-    RosterRefusedError,
     ShardState,
     Snapshot,
     State,

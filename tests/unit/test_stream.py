@@ -11,10 +11,11 @@ from pathlib import Path
 import apsw
 import pytest
 
-from vigo.server.store import Store
-from vigo.snapshots import walformat as wf
-from vigo.snapshots.apply import Applier, CorruptSegment, NeedSnapshot, StreamGap
-from vigo.snapshots.stream import Segment, Snapshot, decode_segment, encode_segment, merge_segments
+from vigo.errors import CorruptSegment, NeedSnapshot, StreamGap, WalFormatError
+from vigo.state import walformat as wf
+from vigo.state.apply import Applier
+from vigo.state.store import Store
+from vigo.state.stream import Segment, Snapshot, decode_segment, encode_segment, merge_segments
 
 
 class Recorder:
@@ -86,7 +87,7 @@ def test_checksum_matches_what_sqlite_wrote(tmp_path):
     flipped = bytearray(raw)
     flipped[32 + 24 + 100] ^= 0x01  # a bit inside the first frame's page
     assert wf.scan_frames(bytes(flipped[32:]), 32, header, header.checksum).stopped == "checksum"
-    with pytest.raises(wf.WalFormatError, match="magic"):
+    with pytest.raises(WalFormatError, match="magic"):
         wf.parse_header(b"\0" * 32)
 
 

@@ -16,6 +16,7 @@ import pytest
 import vigo
 from vigo.agent import traits
 from vigo.agent.traits import TRAITS_DIR_DEFAULT, collect, traits_digest
+from vigo.hostaddr import sort_addresses
 
 
 def write(path: Path, text: str, *, executable: bool = False) -> Path:
@@ -106,7 +107,7 @@ def test_ips_skip_loopback_and_link_local_and_are_sorted(root: Path) -> None:
 
 
 def test_addresses_sort_numerically() -> None:
-    assert traits._sort_addresses({"10.0.0.1", "9.0.0.1", "::2", "10.0.0.10"}) == [
+    assert sort_addresses({"10.0.0.1", "9.0.0.1", "::2", "10.0.0.10"}) == [
         "9.0.0.1",
         "10.0.0.1",
         "10.0.0.10",

@@ -8,7 +8,8 @@ id yet: it goes to the owner of its token's hash, so one bolt counts a token's u
 Admin operations fan out where the fleet needs all bolts to agree: a stack push goes to every
 live bolt with one serial (so a serial means one stack wherever an envoy is served), secrets
 and tokens are set on every live bolt, a revocation is made at every live bolt (the roster
-carries it to the others, and to any bolt that was down). Listings are merged.
+carries it to the others, and to any bolt that was down). Listings are merged. The routing key
+and the merging rules are plain functions in vigo.server.spanner.routing.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import logging
 import time
 from typing import Any
 
-import ray
-
-from vigo.actors import NAMESPACE
+from vigo.actors.runtime import RAY, Runtime
 from vigo.roster import Ownership, OwnershipConfig
+from vigo.server.spanner import routing
 
 log = logging.getLogger("vigo.actors.spanner")
 
@@ -33,19 +33,11 @@ CALL_TIMEOUT_S = 15.0
 FANOUT_WRITES = ("secrets.set",)
 
 
-def _key(item: dict[str, Any]) -> str:
-    if item.get("envoy_id"):
-        return str(item["envoy_id"])
-    from vigo.server.admissions import hash_token
-
-    token = (item.get("body") or {}).get("token")
-    return "join:" + (hash_token(token) if isinstance(token, str) else "")
-
-
 class SpannerBackend:
-    def __init__(self, bolts: list[str], ownership: dict[str, Any]) -> None:
+    def __init__(self, bolts: list[str], ownership: dict[str, Any], rt: Runtime = RAY) -> None:
         self.bolts = sorted(bolts)
-        self.control = ray.get_actor("control", namespace=NAMESPACE)
+        self.rt = rt
+        self.control: Any = None  # looked up when first needed: control may not be up yet
         self.ownership = Ownership(self.bolts, config=OwnershipConfig(**ownership))
         self.handles: dict[str, Any] = {}
         self.partition = "spanner"
@@ -55,8 +47,14 @@ class SpannerBackend:
         """The member serving bolt ``name`` now: control's route (a promoted standby after a
         failover inside the bolt), cached until a call to it fails."""
         if name not in self.handles:
-            route = await self.control.route.remote(name)
-            self.handles[name] = ray.get_actor((route or {}).get("primary", name), namespace=NAMESPACE)
+            if self.control is None:
+                self.control = self.rt.actor("control")
+            try:
+                route = await self.rt.acall(self.control, "route", name)
+            except Exception:
+                self.control = None  # looked up again next time (control restarted or recreated)
+                raise
+            self.handles[name] = self.rt.actor((route or {}).get("primary", name))
         return self.handles[name]
 
     async def start(self) -> None:
@@ -75,7 +73,7 @@ class SpannerBackend:
         async def ask(name: str) -> bool:
             try:
                 handle = await asyncio.wait_for(self._handle(name), LIVENESS_POLL_S)
-                info = await asyncio.wait_for(_awaited(handle.bolt_ping.remote()), LIVENESS_POLL_S)
+                info = await asyncio.wait_for(self.rt.acall(handle, "bolt_ping"), LIVENESS_POLL_S)
                 return bool(info.get("ready"))
             except Exception:
                 self.handles.pop(name, None)
@@ -93,7 +91,7 @@ class SpannerBackend:
     async def _call(self, bolt: str, method: str, *args: Any) -> Any:
         handle = await self._handle(bolt)
         try:
-            return await asyncio.wait_for(_awaited(getattr(handle, method).remote(*args)), CALL_TIMEOUT_S)
+            return await asyncio.wait_for(self.rt.acall(handle, method, *args), CALL_TIMEOUT_S)
         except Exception:
             self.handles.pop(bolt, None)  # re-read the route next time (restart, promotion)
             raise
@@ -103,7 +101,7 @@ class SpannerBackend:
     async def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups: dict[str | None, list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault(self.owner(_key(item)), []).append(i)
+            groups.setdefault(self.owner(routing.slice_key(item)), []).append(i)
         answers: list[dict[str, Any]] = [{}] * len(items)
 
         async def send(bolt: str | None, idx: list[int]) -> None:
@@ -164,19 +162,15 @@ class SpannerBackend:
         if op == "stack.push":
             shows = await self._each("stack.show", {})
             serial = 1 + max((r["ok"] or {}).get("serial") or 0 for r in shows.values() if "ok" in r)
-            return _all_or_error(await self._each(op, {**args, "serial": serial}), self.bolts)
+            return routing.all_or_error(await self._each(op, {**args, "serial": serial}), self.bolts)
         if op in FANOUT_WRITES:
-            return _all_or_error(await self._each(op, args), self.bolts)
+            return routing.all_or_error(await self._each(op, args), self.bolts)
         if op == "token.create":
             first = self.live()[0]
             created = await self._call(first, "admin", op, args)
             if "error" in created:
                 return created
-            from vigo.server.admissions import hash_token
-
-            token = created["ok"]
-            record = {"id": token["id"], "hash": hash_token(token["token"]), "created_at": time.time(),
-                      "expires_at": token["expires_at"], "uses": token["uses"], "note": token.get("note", "")}
+            record = routing.token_record(created["ok"], time.time())
             others = [b for b in self.live() if b != first]
             await asyncio.gather(*(self._call(b, "admin", "token.install", record) for b in others))
             return created
@@ -185,9 +179,9 @@ class SpannerBackend:
             ok = [r for r in results.values() if "ok" in r]
             return ok[0] if ok else next(iter(results.values()))
         if op == "envoys.list":
-            return {"ok": _merge_envoys(await self._each(op, args), self.ownership)}
+            return {"ok": routing.merge_envoys(await self._each(op, args), self.ownership)}
         if op == "envoys.show":
-            return _merge_show(await self._each(op, args))
+            return routing.merge_show(await self._each(op, args))
         if op == "status":
             results = await self._each(op, args)
             return {"ok": {"spanner": True, "bolts": {b: r.get("ok", r.get("error")) for b, r in results.items()}}}
@@ -201,44 +195,3 @@ class SpannerBackend:
             except Exception as exc:
                 infos[bolt] = {"name": bolt, "error": f"{type(exc).__name__}"}
         return {"bolts": infos, "gateway_view": self.ownership.stats()}
-
-
-def _all_or_error(results: dict[str, dict[str, Any]], configured: list[str]) -> dict[str, Any]:
-    failed = {b: r["error"] for b, r in results.items() if "error" in r}
-    if failed:
-        bolt, err = next(iter(failed.items()))
-        return {"error": {"code": err.get("code", "conflict"),
-                          "reason": f"bolt {bolt}: {err.get('reason')} ({len(failed)} of {len(results)} bolts failed)"}}
-    answer = dict(next(iter(results.values()))["ok"] or {})
-    answer["bolts"] = sorted(results)
-    answer["bolts_missed"] = sorted(set(configured) - set(results))
-    return {"ok": answer}
-
-
-def _merge_envoys(results: dict[str, dict[str, Any]], ownership: Ownership) -> list[dict[str, Any]]:
-    """One row per envoy: the freshest record among the bolts that served it, with its owner."""
-    rows: dict[str, dict[str, Any]] = {}
-    for bolt, result in results.items():
-        for row in result.get("ok") or []:
-            seen = rows.get(row["id"])
-            if seen is None or (row.get("last_seen") or 0) > (seen.get("last_seen") or 0):
-                rows[row["id"]] = {**row, "bolt": bolt}
-    for row in rows.values():
-        row["owner"] = ownership.owner(row["id"])
-    return sorted(rows.values(), key=lambda r: r["id"])
-
-
-def _merge_show(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """An envoy's record from the bolt that saw it last, with its runs from every bolt (its
-    history after a move is spread over the bolts that served it)."""
-    found = [(b, r["ok"]) for b, r in results.items() if "ok" in r]
-    if not found:
-        return next(iter(results.values()))
-    bolt, best = max(found, key=lambda br: br[1].get("last_seen") or 0)
-    runs = sorted((run | {"bolt": b} for b, rec in found for run in rec.get("runs") or []),
-                  key=lambda r: r.get("started_at") or 0, reverse=True)
-    return {"ok": {**best, "runs": runs, "served_by": sorted(b for b, _ in found), "bolt": bolt}}
-
-
-async def _awaited(ref: Any) -> Any:
-    return await ref

@@ -4,7 +4,7 @@ Named databases (every value msgpack):
 
     meta        envoy_id, highest serial and term accepted, trusted key, last run, queue bytes
     bundles     "current" and "previous": the signed parts of the last two accepted bundles,
-                their secrets sealed with the local key (see sealing.py)
+                their secrets sealed with the local key (see vigo/crypto/aead.py)
     traits      "last": the traits of the last run
     queue       run reports not yet acknowledged by a server, key = 8-byte big-endian sequence
     runs        run_id -> queue key, so an acknowledgement by run id deletes in O(1)

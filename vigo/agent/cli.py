@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import vigo
-from vigo.errors import UnavailableError, VigoError
+from vigo.errors import TransportError, VigoError
 
 EXIT_OK = 0
 EXIT_NO_RUN = 1
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except VigoError as exc:
         if args.verbose:
             logging.getLogger("vigo").exception("command failed")
-        if isinstance(exc, UnavailableError):  # not a refusal: nobody answered
+        if isinstance(exc, TransportError):  # not a refusal: nobody answered
             print(f"vigo-envoy {args.command}: cannot reach a server: {exc.reason}", file=sys.stderr)
         else:
             print(f"vigo-envoy {args.command}: {exc}", file=sys.stderr)
@@ -176,7 +176,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _server_arg(text: str) -> str:
-    from vigo.agent.client import parse_server
+    from vigo.agent.transport import parse_server
 
     try:
         parse_server(text)
@@ -186,7 +186,7 @@ def _server_arg(text: str) -> str:
 
 
 def _fingerprint_arg(text: str) -> str:
-    from vigo.agent.client import normalise_fingerprint
+    from vigo.agent.join import normalise_fingerprint
 
     try:
         return normalise_fingerprint(text)
@@ -197,7 +197,7 @@ def _fingerprint_arg(text: str) -> str:
 def _cmd_join(args: argparse.Namespace) -> int:
     import asyncio
 
-    from vigo.agent.client import join_fleet
+    from vigo.agent.join import join_fleet
 
     info = asyncio.run(join_fleet(
         args.state_dir, args.server, args.token, ca_fingerprint=args.ca_fingerprint, traits_dir=args.traits_dir,
@@ -222,13 +222,13 @@ def _seconds_arg(low: float):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from vigo.agent.client import run_once
-    from vigo.agent.runner import RunOptions
-
     if not args.once:
         return _daemon(args)
+    import asyncio
+
+    from vigo.agent.once import run_once
+    from vigo.agent.runner import RunOptions
+
     traits_dir = args.traits_dir or Path(os.environ.get("VIGO_ENVOY_TRAITS_DIR", TRAITS_DIR_DEFAULT))
     result = asyncio.run(run_once(
         RunOptions(state_dir=args.state_dir, root=args.root, noop=args.noop, traits_dir=traits_dir)

@@ -21,7 +21,7 @@ from typing import Any
 
 import vigo
 from vigo.agent.resources import CHANGED, FAILED, OK, SKIPPED, Outcome, RunContext, resource_class
-from vigo.errors import TemplateError, VigoError
+from vigo.errors import CycleError, TemplateError, VigoError
 from vigo.policy import conditions, graph, templates
 from vigo.policy.bundle import Bundle
 
@@ -111,7 +111,7 @@ def _run(
     before = graph.edges(nodes)
     try:
         order = graph.order(nodes)
-    except graph.CycleError as exc:  # cannot happen for a bundle built by vigo; say so if it does
+    except CycleError as exc:  # cannot happen for a bundle built by vigo; say so if it does
         return [_entry(p, Outcome(FAILED, f"cannot order resources: {exc}"), 0.0) for p in planned]
 
     env = templates.make_environment(bundle.templates)

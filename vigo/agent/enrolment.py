@@ -1,23 +1,20 @@
 """The envoy's side of admission: its own key and CSR, and the TLS context it dials out with.
 
-The envoy never imports ``vigo.server``; the server imports :func:`load_cert_chain_pem` and
-:func:`load_ca_pem` from here instead, so the TLS plumbing both sides need lives on the light
-side.
+The TLS loading both sides need is ``vigo.crypto.tls``'s; what is here only the envoy uses.
 
 The private key is made on the envoy and never leaves it: the server only ever sees the CSR.
 """
 
 from __future__ import annotations
 
-import os
 import ssl
-import tempfile
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from vigo.crypto.tls import load_ca_pem, load_cert_chain_pem
 from vigo.errors import AdmissionError
 
 # X.509 caps a CommonName at 64 characters; the CSR's name is only a hint (the CA overrides it).
@@ -59,39 +56,3 @@ def tls_client_context(
     if cert_pem is not None and key_pem is not None:
         load_cert_chain_pem(ctx, cert_pem, key_pem)
     return ctx
-
-
-def load_cert_chain_pem(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    """``ctx.load_cert_chain`` from bytes.
-
-    The ssl module only reads certificate chains from files, so the PEMs go to a private
-    directory (0700, from ``mkdtemp``) as 0600 files that are deleted as soon as OpenSSL has
-    read them.
-    """
-    with tempfile.TemporaryDirectory(prefix="vigo-tls-") as folder:
-        cert_path = os.path.join(folder, "cert.pem")
-        key_path = os.path.join(folder, "key.pem")
-        for path, data in ((cert_path, cert_pem), (key_path, key_pem)):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-        try:
-            ctx.load_cert_chain(cert_path, key_path)
-        except ssl.SSLError as exc:
-            raise AdmissionError(
-                f"cannot load TLS certificate and key: expected a PEM certificate and the PEM "
-                f"private key that belongs to it: {exc}"
-            ) from exc
-
-
-def load_ca_pem(ctx: ssl.SSLContext, ca_pem: bytes) -> None:
-    """Trust ``ca_pem`` (the fleet CA) for verifying the other side."""
-    try:
-        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
-    except (ssl.SSLError, UnicodeDecodeError) as exc:
-        raise AdmissionError(
-            f"cannot load fleet CA certificate: expected a PEM certificate, got "
-            f"{ca_pem[:40]!r}: {exc}"
-        ) from exc

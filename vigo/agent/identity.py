@@ -23,7 +23,7 @@ renames of step 2, the new key with ``envoy.next.pem``. Reading the files in the
 writer consumes them (next key, next cert, key, cert) makes this hold for a reader racing a
 live writer too. The next ``install`` first finishes what a crash left (``settle``).
 
-Nothing here talks to the network; ``vigo.agent.client`` asks for the certificate.
+Nothing here talks to the network; ``vigo.agent.join`` asks for the certificate.
 """
 
 from __future__ import annotations

@@ -19,10 +19,17 @@ from typing import Any
 
 from vigo.agent import engine, identity, traits
 from vigo.agent.cache import DEFAULT_QUEUE_MAX_BYTES, Cache
-from vigo.agent.sealing import Sealer
-from vigo.errors import AdmissionError, BundleError, CacheLockedError, ConfigError, VigoError
+from vigo.crypto.aead import Sealer
+from vigo.crypto.keys import load_public_key, parse_public_key, public_pem
+from vigo.errors import (
+    AdmissionError,
+    BundleError,
+    BundleFormatError,
+    CacheLockedError,
+    ConfigError,
+    VigoError,
+)
 from vigo.policy import bundle as bundle_mod
-from vigo.policy.keys import load_public_key, parse_public_key, public_pem
 
 log = logging.getLogger("vigo.agent.runner")
 
@@ -177,7 +184,7 @@ def _read_bundle(path: Path) -> bytes:
     try:
         size = path.stat().st_size
         if size > bundle_mod.MAX_BUNDLE_BYTES:
-            raise bundle_mod.BundleFormatError(
+            raise BundleFormatError(
                 f"{path}: {size} bytes is over the {bundle_mod.MAX_BUNDLE_BYTES}-byte bundle limit"
             )
         return path.read_bytes()

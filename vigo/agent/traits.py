@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import vigo
+from vigo import hostaddr
 from vigo.errors import TraitError
 
 __all__ = ["TRAITS_DIR_DEFAULT", "collect", "traits_digest"]
@@ -85,10 +86,6 @@ _OS_FAMILIES = {
     "archarm": "arch",
 }
 
-# ioctl(2) request that returns an interface's primary IPv4 address (linux/sockios.h).
-_SIOCGIFADDR = 0x8915
-
-
 def collect(
     traits_dir: Path | None = None,
     *,
@@ -105,7 +102,7 @@ def collect(
     collected_at = time.time()
     root = Path(proc_root)
     hostname = socket.gethostname()
-    interfaces = _interfaces(root)
+    interfaces = hostaddr.interfaces(root)
     traits: dict[str, Any] = {
         "hostname": hostname,
         "fqdn": _fqdn(hostname, root),
@@ -114,7 +111,7 @@ def collect(
         "arch": _uname()[2],
         "cpus": os.cpu_count(),
         "memory": {"total_mb": _memory_total_mb(root)},
-        "ips": _sort_addresses({a for addrs in interfaces.values() for a in addrs}),
+        "ips": hostaddr.sort_addresses({a for addrs in interfaces.values() for a in addrs}),
         "interfaces": interfaces,
         "python": {
             "version": "{}.{}.{}".format(*sys.version_info[:3]),
@@ -271,74 +268,6 @@ def _memory_total_mb(root: Path) -> int | None:
                 return int(words[1]) // 1024
             return None
     return None
-
-
-def _interfaces(root: Path) -> dict[str, list[str]]:
-    """``{interface: [address, ...]}`` of non-loopback, non-link-local IPv4 and IPv6 addresses.
-
-    No subprocess (``ip addr`` costs a fork and may be absent). IPv4 comes from one
-    ``SIOCGIFADDR`` ioctl per interface, which gives each interface's *primary* address only
-    (secondary addresses need netlink, not worth its code here); IPv6 from
-    ``/proc/net/if_inet6``, which lists every address. Linux only: elsewhere this is empty.
-    """
-    found: dict[str, set[str]] = {}
-    if sys.platform.startswith("linux"):
-        for name, address in _ipv4_addresses():
-            found.setdefault(name, set()).add(address)
-    for name, address in _ipv6_addresses(root):
-        found.setdefault(name, set()).add(address)
-    return {name: _sort_addresses(addrs) for name, addrs in sorted(found.items()) if addrs}
-
-
-def _ipv4_addresses() -> list[tuple[str, str]]:
-    import fcntl
-    import struct
-
-    try:
-        names = [name for _, name in socket.if_nameindex()]
-    except OSError as exc:
-        log.debug("cannot list interfaces: %s", exc)
-        return []
-    out = []
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for name in names:
-            try:
-                req = struct.pack("256s", name.encode()[:15])
-                reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, req)
-            except OSError:
-                continue  # No IPv4 address on this interface (EADDRNOTAVAIL): not an error.
-            address = socket.inet_ntoa(reply[20:24])
-            if not address.startswith("127.") and address != "0.0.0.0":
-                out.append((name, address))
-    return out
-
-
-def _ipv6_addresses(root: Path) -> list[tuple[str, str]]:
-    out = []
-    for line in (_read_text(root / "proc/net/if_inet6") or "").splitlines():
-        words = line.split()
-        if len(words) < 6 or len(words[0]) != 32:
-            continue
-        try:
-            packed = bytes.fromhex(words[0])
-        except ValueError:
-            continue
-        loopback = packed == bytes(15) + b"\x01"
-        link_local = packed[0] == 0xFE and packed[1] & 0xC0 == 0x80  # fe80::/10
-        if not (loopback or link_local):
-            out.append((words[5], socket.inet_ntop(socket.AF_INET6, packed)))
-    return out
-
-
-def _sort_addresses(addresses: set[str] | list[str]) -> list[str]:
-    """IPv4 before IPv6, each in numeric order (string order would put 10.x before 9.x)."""
-
-    def key(address: str) -> tuple[int, bytes]:
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        packed = socket.inet_pton(family, address)
-        return (len(packed), packed)
-
-    return sorted(addresses, key=key)
 
 
 # --- custom traits -----------------------------------------------------------------------------

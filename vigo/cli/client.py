@@ -14,7 +14,6 @@ No Ray import anywhere here: interactive commands stay fast (urllib + ssl + msgp
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import re
@@ -26,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vigo import protocol
-from vigo.errors import AdminAuthError, ConfigError, ServerError, UnavailableError
+from vigo.crypto.tls import cert_fingerprint
+from vigo.errors import AdminAuthError, ConfigError, ConnectError, ServerError, UnavailableError
 from vigo.raytoken import load_token, token_path
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -103,18 +103,14 @@ def _pinned_context() -> ssl.SSLContext:
     return ctx
 
 
-class _NotConnected(UnavailableError):
-    """The gateway could not be reached at all: the operation was certainly not sent."""
-
-
 async def _admin_call(gw: GatewayEndpoint, token: str, op: str, args: dict[str, Any]) -> Any:
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(gw.host, gw.port, ssl=_pinned_context()), CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
-        raise _NotConnected("unavailable", f"cannot connect to gateway {gw.name} at {gw.host}:{gw.port}: {exc}") from exc
+        raise ConnectError("unavailable", f"cannot connect to gateway {gw.name} at {gw.host}:{gw.port}: {exc}") from exc
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-    got = hashlib.sha256(der).hexdigest() if der else "none"
+    got = cert_fingerprint(der) if der else "none"
     if got != gw.cert_sha256:
         writer.close()
         raise AdminAuthError(
@@ -132,7 +128,7 @@ def admin(address: str, op: str, args: dict[str, Any] | None = None) -> Any:
     for gw in find_gateways(address, token):
         try:
             return asyncio.run(_admin_call(gw, token, op, args or {}))
-        except _NotConnected as exc:
+        except ConnectError as exc:
             # Only an operation that was never sent moves on to the next gateway: one whose
             # connection broke mid-way may have run, and running it twice is worse.
             last = exc

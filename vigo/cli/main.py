@@ -21,7 +21,7 @@ def _app():
     app = typer.Typer(
         name="vigocli",
         help=(
-            "Operate vigo. Commands other than `stack build|check|keygen`, `restore` and `backup verify|list|restore` talk to a running server "
+            "Operate vigo. Commands other than `stack build|check|keygen`, `server ops`, `restore` and `backup verify|list|restore` talk to a running server "
             "through the Ray dashboard (--address, env VIGO_ADDRESS, default http://127.0.0.1:8265), "
             "authenticated by the Ray cluster token (RAY_AUTH_TOKEN or ~/.ray/auth_token)."
         ),
@@ -46,8 +46,9 @@ def _app():
 def main(argv: list[str] | None = None) -> int:
     if typer is None:
         print(
-            "vigocli needs the server extras: pip install 'vigo[server]' "
-            "(the envoy alone installs with plain `pip install vigo`)",
+            "vigocli needs the server extras of the vigo-fleet distribution: "
+            "pip install --require-hashes -r requirements/server.txt, then the vigo-fleet wheel "
+            "(docs/deploying.md); never `pip install vigo`, an unrelated project on the public index",
             file=sys.stderr,
         )
         return 1

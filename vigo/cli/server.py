@@ -1,4 +1,5 @@
-"""`vigocli server ...`: start a dev server, deploy onto a cluster, show status, stop."""
+"""`vigocli server ...`: start a dev server, deploy onto a cluster, show status, stop; list the
+admin operations a server answers (`server ops`, offline)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from vigo.actors.runtime import HOST_LABEL, LOOPBACK_ENV, RAY  # no Ray loaded until RAY.connect
 from vigo.cli import client, output
 from vigo.cli.options import Address, JsonFlag
 from vigo.errors import ConfigError, UnavailableError
@@ -33,7 +36,8 @@ def _say(text: str) -> None:
 def _ray_bin() -> str:
     found = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
     if not found:
-        raise ConfigError("the `ray` command is not installed: pip install 'vigo[server]'")
+        raise ConfigError("the `ray` command is not installed: install the server extras of vigo-fleet "
+                          "(requirements/server.txt, see docs/deploying.md)")
     return found
 
 
@@ -51,14 +55,7 @@ def _ray_env() -> dict[str, str]:
 
 
 def _connect_ray(address: str = "auto") -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    import ray
-
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address, namespace="vigo", logging_level="ERROR", log_to_driver=False)
-        except (ConnectionError, RuntimeError) as exc:
-            raise UnavailableError("unavailable", f"cannot connect to the Ray cluster at {address}: {exc}") from exc
+    RAY.connect(address)
 
 
 def _free_port() -> int:
@@ -75,31 +72,97 @@ def _dev_temp_dir(data_dir: Path) -> Path:
     return Path("/tmp") / f"vigo-ray-{hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]}"
 
 
-def _stop_dev_head(temp_dir: str) -> int:
-    """Stop the Ray processes of one dev head (found by its private temp dir), leaving any other
-    Ray on this machine alone: `ray stop` would kill them all."""
-    import signal
+#: Set in the environment of a dev head's `ray start` (value: its temp dir) and inherited by
+#: every process Ray spawns from it: how `server stop` tells the dev head's processes apart from
+#: any other Ray on the machine.
+DEV_HEAD_ENV = "VIGO_DEV_HEAD"
 
-    pids = []
+
+def _dev_head_env(temp_dir: Path) -> dict[str, str]:
+    """The environment of a dev head's `ray start`: token auth, the marker, and loopback only.
+    Ray turns ``--node-ip-address 127.0.0.1`` into the host's routed address (ray's
+    services.resolve_ip_for_localhost) unless clusters are off, and with a node address on
+    127.0.0.1 every Ray server (GCS, raylet, object manager, agents, client server, workers)
+    binds loopback. The two metrics servers with fixed default ports get free ones."""
+    return {**_ray_env(), DEV_HEAD_ENV: str(temp_dir), LOOPBACK_ENV: "0",
+            "DASHBOARD_METRIC_PORT": str(_free_port()), "AUTOSCALER_METRIC_PORT": str(_free_port())}
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, session id) of every process, from /proc."""
+    table = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+        if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        table[int(proc.name)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def _is_ray_process(pid: int, temp_dir: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return temp_dir in cmdline or cmdline.startswith(("ray::", "ray-dashboard-"))
+
+
+def dev_head_pids(temp_dir: str, session: int | None = None) -> set[int]:
+    """The processes of one dev head: those whose environment carries its marker, every
+    process in their sessions (a dev head's `ray start` runs in a session of its own, and Ray's
+    processes stay in it even when orphaned; processes that rename themselves overwrite their
+    environment, so the marker alone misses the agents and workers), and their descendants.
+    Never this process or its session."""
+    marker = f"{DEV_HEAD_ENV}={temp_dir}".encode()
+    table = _proc_table()
+    me = os.getpid()
+    own_session = table.get(me, (0, 0))[1]
+    marked = set()
+    for pid in table:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        # Ray's own processes name their temp dir as an argument; a `tail` of a log there does not.
-        if f"--temp-dir={temp_dir}" in cmdline or f"--temp_dir={temp_dir}" in cmdline or (
-                f"{temp_dir}/session_" in cmdline and ("ray" in cmdline.split(" ")[0] or "python" in cmdline.split(" ")[0])):
-            pids.append(int(proc.name))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if marker in environ:
+            marked.add(pid)
+    sessions = {table[p][1] for p in marked}
+    if session and session not in sessions and any(
+            sid == session and _is_ray_process(pid, temp_dir) for pid, (_, sid) in table.items()):
+        # Only the orphans (whose environment was overwritten) remain. A recorded session id
+        # is trusted only while a Ray process is in it: once empty, the number can be reused.
+        sessions.add(session)
+    sessions -= {0, 1, own_session}
+    found = marked | {pid for pid, (_, sid) in table.items() if sid in sessions}
+    grown = True
+    while grown:  # descendants, to a fixed point
+        more = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
+        found |= more
+        grown = bool(more)
+    return found - {me}
+
+
+def _stop_dev_head(temp_dir: str, session: int | None = None) -> int:
+    """Stop every process of one dev head (``dev_head_pids``), leaving any other Ray on this
+    machine alone: `ray stop` would kill them all. SIGTERM, up to 3 s, then SIGKILL for the rest
+    (Ray's agents ignore SIGTERM once their raylet is gone), until none is left."""
+    import signal
+
+    stopped: set[int] = set()
+    for sig, grace_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0), (signal.SIGKILL, 5.0)):
+        pids = dev_head_pids(temp_dir, session)
+        if not pids:
+            break
+        stopped |= pids
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-        deadline = time.time() + 5
-        while sig == signal.SIGTERM and time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        deadline = time.time() + grace_s
+        while time.time() < deadline and dev_head_pids(temp_dir, session):
             time.sleep(0.1)
-    return len(pids)
+    return len(stopped)
 
 
 @app.command("start")
@@ -132,22 +195,32 @@ def start(
         raise ConfigError(f"a vigo server already answers at {address}; `vigocli server status` or `vigocli server stop`")
     except UnavailableError:
         pass
-    _say(f"[1/4] starting a Ray head (dashboard {address}, label vigo-host={host}) ...")
+    _say(f"[1/4] starting a Ray head (dashboard {address}, label {HOST_LABEL}={host}) ...")
     temp_dir = _dev_temp_dir(data_dir)
     gcs = f"127.0.0.1:{ray_port}"
-    # Every other port Ray opens is picked free, so a dev head can run beside another Ray.
-    proc = subprocess.run(
-        [_ray_bin(), "start", "--head", "--port", str(ray_port), "--node-ip-address", "127.0.0.1",
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
-         "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
-         "--temp-dir", str(temp_dir), "--labels", f"vigo-host={host}", "--disable-usage-stats"],
-        env=_ray_env(), capture_output=True, text=True)
+    # Every other port Ray opens is picked free, so a dev head can run beside another Ray. In a
+    # session of its own, marked in its environment: `server stop` finds every process by that.
+    # Its output goes to a file, not a pipe: Ray's autoscaler monitor inherits `ray start`'s
+    # stdout and keeps it open, so reading a pipe to its end would never return.
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(
+            [_ray_bin(), "start", "--head", "--port", str(ray_port), "--node-ip-address", "127.0.0.1",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+             "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+             "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port()),
+             "--temp-dir", str(temp_dir), "--labels", f"{HOST_LABEL}={host}", "--disable-usage-stats"],
+            env=_dev_head_env(temp_dir), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        session = proc.pid  # the session of `ray start`, which every Ray process it spawns stays in
+        proc.wait()
+        out.seek(0)
+        stderr = out.read()
     if proc.returncode != 0:
-        _stop_dev_head(str(temp_dir))
-        raise ConfigError(f"`ray start --head` failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+        _stop_dev_head(str(temp_dir), session)
+        raise ConfigError(f"`ray start --head` failed (exit {proc.returncode}): {stderr.strip()[-800:]}")
     (data_dir / DEV_MARKER).write_text(json.dumps(
-        {"address": address, "gcs": gcs, "temp_dir": str(temp_dir), "started_at": time.time(), "host": host}))
+        {"address": address, "gcs": gcs, "temp_dir": str(temp_dir), "session": session,
+         "started_at": time.time(), "host": host}))
 
     _say("[2/4] deploying control, primary and gateway actors ...")
     try:
@@ -165,7 +238,7 @@ def start(
     except BaseException:
         # Leave nothing half-started behind: the head we just started goes too.
         _say("deploy failed; stopping the dev Ray head again")
-        _stop_dev_head(str(temp_dir))
+        _stop_dev_head(str(temp_dir), session)
         (data_dir / DEV_MARKER).unlink(missing_ok=True)
         raise
     gateway = next(iter(deployed["gateways"].values()))
@@ -214,8 +287,10 @@ def deploy_cmd(
 ) -> None:
     """Deploy control, the partition's primary, its standbys (replication.standbys in
     server.yaml) and one gateway per labelled node onto the Ray cluster this machine belongs to
-    (run on a cluster node; `cluster.yaml` does it after `ray up`). Re-running it is safe: actors
-    that exist are kept, and a partition that was failed over keeps its current primary."""
+    (run on a cluster node; `cluster.yaml` does it after `ray up`). Nodes that are not there yet
+    are pending: control starts their gateway and standby when they join. Re-running it applies a
+    changed server.yaml (actors whose settings changed restart one at a time; an unchanged file
+    restarts nothing), and a partition that was failed over keeps its current primary."""
     from vigo import config as config_mod
 
     cfg = config_mod.load(config)
@@ -229,7 +304,8 @@ def deploy_cmd(
             output.emit_json(deployed)
         else:
             typer.echo(output.kv([("bolts", ", ".join(deployed["bolts"])),
-                                  *[(f"gateway {n}", e) for n, e in deployed["gateways"].items()]]))
+                                  *[(f"gateway {n}", e) for n, e in deployed["gateways"].items()],
+                                  *_change_rows(deployed)]))
         return
     from vigo.actors.deploy import deploy
 
@@ -240,7 +316,49 @@ def deploy_cmd(
         typer.echo(output.kv([("partition", deployed["partition"]), ("term", deployed["term"]),
                               ("primary", deployed["primary"]),
                               ("standbys", ", ".join(deployed["standbys"]) or "none"),
-                              *[(f"gateway {n}", e) for n, e in deployed["gateways"].items()]]))
+                              *[(f"gateway {n}", e) for n, e in deployed["gateways"].items()],
+                              *_change_rows(deployed)]))
+
+
+def _change_rows(deployed: dict) -> list[tuple[str, object]]:
+    """What a deploy did and what waits for its node, for `server deploy`."""
+    rows: list[tuple[str, object]] = [
+        ("started", ", ".join(deployed.get("started") or []) or "nothing (all there)"),
+        ("restarted", ", ".join(deployed.get("restarted") or []) or "nothing (no setting changed)"),
+    ]
+    if deployed.get("stopped"):
+        rows.append(("stopped", ", ".join(deployed["stopped"])))
+    return rows + _pending_rows(deployed.get("pending") or [])
+
+
+def _pending_rows(waiting: list[dict]) -> list[tuple[str, object]]:
+    """One row per actor waiting for its node: `standby on node-2: waiting for a node labelled
+    vigo-host=node-2` (control starts it when that node joins the cluster)."""
+    return [("pending", f"{w['kind']} on {w['host']}: {w['reason']}") for w in waiting]
+
+
+def _gateway_rows(info: dict) -> list[tuple[str, object]]:
+    """Each serving gateway's endpoint, with its node and since when it is registered."""
+    known = ((info.get("placement") or {}).get("gateways")) or {}
+    rows: list[tuple[str, object]] = []
+    for g in info["gateways"]:
+        entry = known.get(g["name"]) or {}
+        extra = f" (node {entry['node'][:12]}, registered {output.ago(entry['registered_at'])})" if entry.get("node") else ""
+        rows.append((f"gateway {g['name']}", f"{g['endpoint']}{extra}"))
+    return rows
+
+
+def _placement_rows(placement: dict) -> list[tuple[str, object]]:
+    """Control's view for `server status`: what waits for its node, and each gateway's node
+    and registration time."""
+    if not placement:
+        return []
+    if "error" in placement:
+        return [("placement", f"unknown: {placement['error']}")]
+    rows = _pending_rows(placement.get("pending") or [])
+    if placement.get("paused"):
+        rows.append(("placement", "paused (the deployment was stopped; deploy again to resume)"))
+    return rows
 
 
 @app.command("promote")
@@ -302,7 +420,8 @@ def status(address: Address = client.DEFAULT_ADDRESS, as_json: JsonFlag = False)
             rows.append((name, b["envoys"], b["runs_stored"], serial, counts))
         typer.echo("spanner: one row per live bolt (`vigocli spanner status` for slices and the roster)")
         typer.echo(output.table(rows, ["BOLT", "ENVOYS", "RUNS", "SERIAL", "STATUS"]))
-        typer.echo(output.kv([(f"gateway {g['name']}", g["endpoint"]) for g in info["gateways"]]) if info["gateways"] else "")
+        rows = [*_gateway_rows(info), *_placement_rows(info.get("placement") or {})]
+        typer.echo(output.kv(rows) if rows else "")
         return
     bundle = info["bundle"]
     counts = ", ".join(f"{n} {k}" for k, n in info["status_counts"].items() if n) or "none"
@@ -318,8 +437,23 @@ def status(address: Address = client.DEFAULT_ADDRESS, as_json: JsonFlag = False)
         ("signing key", info["signing_key_id"]),
         *_stream_rows(info.get("stream") or {}),
         *_replication_rows(info.get("replication") or {}),
-        *[(f"gateway {g['name']}", g["endpoint"]) for g in info["gateways"]],
+        *_gateway_rows(info),
+        *_placement_rows(info.get("placement") or {}),
     ]))
+
+
+@app.command("ops")
+def ops(as_json: JsonFlag = False) -> None:
+    """The admin operations a server answers: arguments (type, default) and which change state.
+    Needs no server: it prints the table in vigo/server/admin.py that servers dispatch by."""
+    from vigo.server import admin
+
+    if as_json:
+        output.emit_json(admin.describe())
+        return
+    rows = [(op.name, ", ".join(a.describe() for a in op.args) or "-", "yes" if op.writes else "no", op.summary)
+            for op in admin.OPS.values()]
+    typer.echo(output.table(rows, ["OP", "ARGUMENTS", "WRITES", "WHAT IT DOES"]))
 
 
 def _replication_rows(rep: dict) -> list[tuple[str, object]]:
@@ -382,13 +516,11 @@ def stop(
         from vigo.actors.deploy import teardown
 
         killed = teardown()
-        import ray
-
-        ray.shutdown()
+        RAY.disconnect()
     except (ConnectionError, RuntimeError, ValueError) as exc:
         _say(f"no Ray cluster to stop actors on ({exc})")
     _say(f"stopped actors: {', '.join(killed) or 'none'}")
     if dev:
-        n = _stop_dev_head(dev["temp_dir"])
+        n = _stop_dev_head(dev["temp_dir"], dev.get("session"))
         marker.unlink(missing_ok=True)
         _say(f"stopped the dev Ray head ({n} processes)")

@@ -29,7 +29,7 @@ def keygen(
     Keep KEY where bundles are built; give KEY.pub to envoys (`vigo-envoy apply --trust`).
     This key signs policy only; it is separate from any TLS key on purpose.
     """
-    from vigo.policy.keys import generate_keypair, key_id, load_public_key
+    from vigo.crypto.keys import generate_keypair, key_id, load_public_key
 
     private, public = generate_keypair(out, force=force)
     typer.echo(f"wrote {private} (private, 0600) and {public} (public), key id {key_id(load_public_key(public))}")
@@ -68,8 +68,8 @@ def build(
     hash, with a serial that only grows, signed with Ed25519. Only the secrets the policies
     reference are included.
     """
+    from vigo.crypto.keys import load_private_key
     from vigo.policy import bundle as bundle_mod
-    from vigo.policy.keys import load_private_key
     from vigo.policy.stack import load_stack
 
     key = load_private_key(signing_key)

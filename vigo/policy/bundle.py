@@ -36,8 +36,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from vigo.crypto.keys import key_id
 from vigo.errors import BundleFormatError, SignatureError, StackError
-from vigo.policy.keys import key_id
 
 if TYPE_CHECKING:  # the envoy decodes bundles without loading the stack loader (and yaml)
     from vigo.policy.stack import Stack

@@ -12,6 +12,8 @@ import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from vigo.errors import CycleError
+
 PATH_TYPES = ("file", "directory", "symlink")
 
 
@@ -33,12 +35,6 @@ def node_of(rtype: str, name: str, attrs: dict) -> Node:
         requires=tuple(attrs.get("requires") or ()),
         notify=tuple(attrs.get("notify") or ()),
     )
-
-
-class CycleError(ValueError):
-    def __init__(self, cycle: Sequence[str]) -> None:
-        self.cycle = list(cycle)
-        super().__init__("dependency cycle: " + " -> ".join(self.cycle))
 
 
 def edges(nodes: Sequence[Node]) -> dict[str, set[str]]:

@@ -23,6 +23,7 @@ import yaml
 
 from vigo.errors import (
     ConditionSyntaxError,
+    CycleError,
     PathEscapeError,
     StackError,
     TemplateError,
@@ -342,7 +343,7 @@ def _check_graph(policies: list[PolicySpec]) -> None:
     nodes = [graph.node_of(res.type, res.name, res.attrs) for _, res in declared.values()]
     try:
         graph.order(nodes)
-    except graph.CycleError as exc:
+    except CycleError as exc:
         policy, res = declared[exc.cycle[0]]
         raise StackError(
             str(exc), file=policy.file, policy=policy.name, resource=res.id,

@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from vigo.errors import VigoError
+from vigo.errors import RosterError, RosterFormatError, RosterRefusedError
 
 __all__ = [
     "DIGEST_BYTES",
@@ -59,9 +59,6 @@ __all__ = [
     "ReplicaId",
     "Revoke",
     "Roster",
-    "RosterError",
-    "RosterFormatError",
-    "RosterRefusedError",
     "ShardState",
     "State",
     "Status",
@@ -72,26 +69,7 @@ __all__ = [
     "shard_of",
 ]
 
-# --- Errors ------------------------------------------------------------------------------------
-#
-#     VigoError
-#     └── RosterError                         the roster cannot do what was asked
-#         ├── RosterFormatError(ValueError)   bytes, a message or an argument that breaks the
-#         │                                   roster format (junk, wrong version, bad invariant)
-#         └── RosterRefusedError              a well-formed operation the semantics forbid
-#                                             (forget of a revoked agent)
-
-
-class RosterError(VigoError):
-    """The admissions roster cannot do what was asked."""
-
-
-class RosterFormatError(RosterError, ValueError):
-    """Bytes, a message or an argument that is not what the roster format allows."""
-
-
-class RosterRefusedError(RosterError):
-    """A well-formed roster operation that the semantics refuse (e.g. forgetting a revoked agent)."""
+# Errors: RosterError, RosterFormatError(ValueError), RosterRefusedError, in vigo.errors.
 
 
 # --- Constants ---------------------------------------------------------------------------------

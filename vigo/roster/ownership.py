@@ -31,8 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from vigo.errors import ConfigError
-from vigo.roster.crdt import RosterError
+from vigo.errors import ConfigError, RosterError
 
 __all__ = [
     "OWNER_HASH_KEY",

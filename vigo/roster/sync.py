@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from vigo.errors import ConfigError
+from vigo.errors import ConfigError, RosterError, RosterFormatError
 from vigo.roster.crdt import (
     DIGEST_BYTES,
     HLC_MAX_OFFSET_S,
@@ -53,8 +53,6 @@ from vigo.roster.crdt import (
     SHARDS,
     ReplicaId,
     Roster,
-    RosterError,
-    RosterFormatError,
     ShardState,
     Status,
     WireTable,

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from vigo.agent.enrolment import load_ca_pem, load_cert_chain_pem
+from vigo.crypto.tls import load_ca_pem, load_cert_chain_pem
 from vigo.errors import AdmissionError, ConfigError, RevokedError, TokenError
 
 # Envoy certificates are short so a stolen one stops working on its own, without relying on
@@ -400,13 +400,6 @@ def spend_token(record: TokenRecord | None, *, now: float, token: str | None = N
     assert record is not None
     return dataclasses.replace(record, uses_left=record.uses_left - 1)
 
-
-
-def cert_fingerprint(cert_pem: bytes | str) -> str:
-    """SHA-256 of a PEM certificate's DER bytes, hex: how gateways are pinned and how the
-    spanner roster names an admitted envoy's certificate."""
-    pem = cert_pem.decode() if isinstance(cert_pem, bytes) else cert_pem
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).hexdigest()
 
 # --- revocation ---------------------------------------------------------------------------
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import apsw
 import msgpack
 
+from vigo.config import ServerConfig
 from vigo.errors import ProtocolError
-from vigo.server.store import Store
+from vigo.state.store import Store
 
 OFFLINE = "offline"
 FROM_CACHE = "enforcing-from-cache"
@@ -38,6 +40,8 @@ MAX_RUN_ID_CHARS = 128
 MAX_REPORT_BYTES = 2 * 1024 * 1024
 #: Reports one `results` message may carry.
 MAX_REPORTS_PER_MESSAGE = 500
+#: Most runs `envoys show` returns in full (each carries its resources).
+MAX_SHOWN_RUNS = 1000
 
 _ENVOY_COLUMNS = (
     "id", "hostname", "joined_at", "revoked_at", "traits", "last_seen", "interval_s",
@@ -240,3 +244,101 @@ def recent_runs(store: Store, envoy_id: str, limit: int = 10, *, full: bool = Fa
 
 def now() -> float:
     return time.time()
+
+
+class FleetCore:
+    """The fleet of one partition: check-ins and reports written in the batch's transaction,
+    and the envoy listings the admin operations read. ``current_serial`` is the stack core's
+    (the newest bundle decides whether an envoy is pending)."""
+
+    def __init__(self, store: Store, cfg: ServerConfig, current_serial: Callable[[], int | None]) -> None:
+        self.store = store
+        self.cfg = cfg
+        self.current_serial = current_serial
+
+    # --- envoy requests, inside the batch's transaction -----------------------------------
+
+    def checkin(self, db: apsw.Connection, envoy_id: str, body: dict[str, Any], *, now: float,
+                current: int | None, term: int) -> dict[str, Any]:
+        interval = self.cfg.checkin.interval_s
+        record_checkin(db, envoy_id, body, interval_s=interval, now=now)
+        # Only an envoy behind gets the bundle: one ahead (say, after a restore) would refuse
+        # an older serial every time, so sending it would only waste the link.
+        stale = current is not None and int(body.get("serial") or 0) < current
+        return {
+            "term": term,
+            "interval_s": interval,
+            "splay_s": splay_for(envoy_id, self.cfg.checkin.splay_s),
+            "bundle_serial": current if stale else None,
+            "serial": current or 0,
+        }
+
+    def results(self, db: apsw.Connection, envoy_id: str, body: dict[str, Any], *, now: float,
+                term: int) -> dict[str, Any]:
+        reports = body.get("reports") or []
+        acked, offline_stored = store_reports(db, envoy_id, reports, now=now)
+        if offline_stored:
+            # The check-in counted them as queued offline runs; now they have arrived (or
+            # arrived before, and the ack was lost: the check-in since counted them again).
+            db.execute("UPDATE envoys SET offline_runs = MAX(0, offline_runs - ?) WHERE id = ?",
+                       (offline_stored, envoy_id))
+        note_latest_run(db, envoy_id, reports)
+        return {"acked": list(dict.fromkeys(acked)), "term": term}
+
+    def retain(self, db: apsw.Connection, envoy_ids: Iterable[str], *, now: float) -> None:
+        """Retention for the envoys a batch stored reports for, in the same transaction."""
+        retention = self.cfg.retention
+        for envoy_id in envoy_ids:
+            apply_retention(db, envoy_id, keep=retention.runs_per_envoy,
+                            max_age_s=retention.max_age_days * 86400, now=now)
+
+    # --- what operators read ---------------------------------------------------------------
+
+    def status_of(self, envoy: dict[str, Any], now: float, current_serial: int | None) -> str:
+        if envoy.get("revoked_at"):
+            return "revoked"
+        return derive_status(envoy, now=now, current_serial=current_serial,
+                             offline_after_intervals=self.cfg.checkin.offline_after_intervals,
+                             default_interval_s=self.cfg.checkin.interval_s)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts for the partition's status: envoys, envoys per status, reports still queued on
+        envoys, runs stored."""
+        now, current = time.time(), self.current_serial()
+        envoys = envoy_rows(self.store)
+        counts = dict.fromkeys((*STATUSES, "revoked"), 0)
+        for e in envoys:
+            counts[self.status_of(e, now, current)] += 1
+        return {
+            "envoys": len(envoys),
+            "status_counts": counts,
+            "runs_stored": self.store.one("SELECT COUNT(*) FROM runs")[0],
+            "queued_reports": sum(e.get("queue_depth") or 0 for e in envoys),
+        }
+
+    def listing(self) -> list[dict[str, Any]]:
+        now, current = time.time(), self.current_serial()  # once, not once per envoy
+        return [{
+            "id": e["id"], "hostname": e["hostname"], "status": self.status_of(e, now, current),
+            "last_seen": e["last_seen"], "serial": e["serial"], "bundle_version": e["bundle_version"],
+            "queue_depth": e["queue_depth"], "oldest_queued_at": e["oldest_queued_at"],
+            "offline_runs": e["offline_runs"],
+            "last_run": e["last_run"],
+        } for e in envoy_rows(self.store)]
+
+    def show(self, envoy_id: str, runs: int) -> dict[str, Any]:
+        """One envoy by id or unambiguous id prefix, with its ``runs`` newest runs in full."""
+        if not envoy_id:
+            raise ProtocolError("bad_body", f"envoy id must be a non-empty string, got {envoy_id!r:.80}")
+        if not 0 <= runs <= MAX_SHOWN_RUNS:
+            raise ProtocolError("bad_body", f"runs must be a whole number in 0..{MAX_SHOWN_RUNS}, got {runs!r}")
+        rows = envoy_rows(self.store, envoy_id)
+        if not rows:
+            raise ProtocolError("not_found", f"no envoy with id (or id prefix) {envoy_id!r}")
+        if len(rows) > 1 and rows[0]["id"] != envoy_id:
+            raise ProtocolError("conflict", f"id prefix {envoy_id!r} matches {len(rows)} envoys; give more characters")
+        e = rows[0]
+        e["status"] = self.status_of(e, time.time(), self.current_serial())
+        e["runs"] = recent_runs(self.store, e["id"], limit=runs, full=True)
+        e["run_count"] = self.store.one("SELECT COUNT(*) FROM runs WHERE envoy_id = ?", (e["id"],))[0]
+        return e

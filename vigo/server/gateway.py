@@ -317,7 +317,7 @@ class GatewayServer:
             err = answer["error"]
             if err["code"] == "revoked" and conn.envoy_id:
                 self.revoked.revoke(conn.envoy_id)
-            raise _Refused(err["code"], err["reason"])
+            raise ProtocolError(err["code"], err["reason"])  # the primary's answer, passed on as is
         body = answer["ok"]
         if frame.type == "checkin":
             serial = body.pop("bundle_serial", None)
@@ -333,7 +333,7 @@ class GatewayServer:
             raise ProtocolError("bad_token", "admin token does not match the Ray cluster token")
         answer = await self.backend.admin(body["op"], body.get("args") or {})
         if "error" in answer:
-            raise _Refused(answer["error"]["code"], answer["error"]["reason"])
+            raise ProtocolError(answer["error"]["code"], answer["error"]["reason"])
         if body["op"] == "envoys.revoke":
             self.revoked = RevocationSet.from_list(answer["ok"]["revocations"])
             self._drop_revoked()
@@ -447,10 +447,6 @@ class GatewayServer:
             "errors": dict(s.errors),
             "revoked": len(self.revoked),
         }
-
-
-class _Refused(ProtocolError):
-    """An error answer from the primary, passed on to the client as is."""
 
 
 def _peer_der(writer: asyncio.StreamWriter) -> bytes | None:

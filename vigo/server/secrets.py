@@ -8,25 +8,27 @@ it replicated. The consequence, stated plainly: the database file, its WAL strea
 archive are as sensitive as the secrets themselves. Backups are encrypted as one unit for this
 reason (a later issue); moving the key out of band is the alternative if that is not enough.
 
-Nonces are random: at 96 bits, a key is good for far more seals (around 2**32) than a fleet
-will ever write secrets.
+The cipher, its nonces and the key file are ``vigo.crypto.aead``'s; this module adds what is
+particular to named secrets: the version byte, the name check, the size limit.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from vigo.crypto.aead import KEY_BYTES, NONCE_BYTES, TAG_BYTES, Sealer, load_or_create_key
+from vigo.errors import ProtocolError, SecretError, StackError
 
-from vigo.agent.sealing import load_or_create_key
-from vigo.errors import SecretError
+if TYPE_CHECKING:
+    from vigo.state.store import Store
 
-KEY_BYTES = 32  # AES-256
-NONCE_BYTES = 12  # the GCM standard nonce size
-TAG_BYTES = 16
+# The partition's one logger: operators follow one name for everything a partition does.
+log = logging.getLogger("vigo.server.partition")
+
 FORMAT_VERSION = 1  # leading byte; leaves room for key rotation (a key id) later
 # Secrets are passwords, tokens and small key files; anything bigger is a file, not a secret,
 # and would bloat every bundle it travels in.
@@ -39,9 +41,7 @@ class SecretBox:
     """Seals and opens named secrets with a 32-byte master key."""
 
     def __init__(self, key: bytes) -> None:
-        if len(key) != KEY_BYTES:
-            raise SecretError(f"secrets master key must be {KEY_BYTES} bytes, got {len(key)}")
-        self._aead = AESGCM(key)
+        self._sealer = Sealer(key, what="secrets master key")
 
     @classmethod
     def load_or_create(cls, path: Path) -> SecretBox:
@@ -71,8 +71,7 @@ class SecretBox:
                 f"cannot seal secret {name!r}: it is {len(value)} bytes, at most "
                 f"{MAX_SECRET_BYTES} bytes (64 KiB) are allowed"
             )
-        nonce = os.urandom(NONCE_BYTES)
-        return bytes([FORMAT_VERSION]) + nonce + self._aead.encrypt(nonce, bytes(value), _aad(name))
+        return bytes([FORMAT_VERSION]) + self._sealer.seal(bytes(value), _aad(name))
 
     def open(self, name: str, blob: bytes) -> bytes:
         _check_name(name)
@@ -91,14 +90,55 @@ class SecretBox:
                 f"cannot open secret {name!r}: sealed format version {blob[0]}, expected "
                 f"{FORMAT_VERSION}"
             )
-        nonce, ciphertext = blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]
         try:
-            return self._aead.decrypt(nonce, ciphertext, _aad(name))
-        except InvalidTag as exc:
+            return self._sealer.open(memoryview(blob)[1:], _aad(name))
+        except SecretError as exc:  # the length was checked above: the tag did not verify
             raise SecretError(
                 f"cannot open secret {name!r}: wrong master key, altered data, or sealed under "
                 "another name"
             ) from exc
+
+
+class SecretsCore:
+    """The named secrets of one partition, sealed in its ``secrets`` tree (``values/<name>.sealed``)
+    so they replicate, archive and back up with everything else and open only with the master
+    key, which lives in the same tree (see the module's docstring for what that implies)."""
+
+    def __init__(self, store: Store, box: SecretBox) -> None:
+        self.store = store
+        self.box = box
+
+    def put(self, name: str, value: bytes | str) -> dict[str, Any]:
+        """Seal and store one value (the admin table has checked that it is text or bytes)."""
+        data = value.encode() if isinstance(value, str) else value
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("bad_body", f"secret {name!r} is not UTF-8 text; templates need text "
+                                            "(base64-encode binary values)") from None
+        sealed = self.box.seal(name, data)
+        with self.store.write() as db:
+            self.store.put_file(db, "secrets", f"values/{name}.sealed", sealed)
+        log.info("secret %s set (%d bytes, sealed)", name, len(data))
+        return {"name": name, "bytes": len(data)}
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Names and when each was last set; never a value."""
+        rows = self.store.query("SELECT path, updated_at FROM trees WHERE tree = 'secrets' "
+                                "AND path LIKE 'values/%' ORDER BY path")
+        return [{"name": r[0][len("values/"):-len(".sealed")], "updated_at": r[1]} for r in rows]
+
+    def values(self, names: Iterable[str]) -> dict[str, str]:
+        """The opened values a stack references, for the bundle build; a missing one fails the
+        push (an envoy would otherwise render a template with a hole in it)."""
+        values = {}
+        for name in names:
+            sealed = self.store.get_file("secrets", f"values/{name}.sealed")
+            if sealed is None:
+                raise StackError(f"secret {name!r} is referenced by the stack but not set",
+                                 expected=f"`vigocli secrets set {name}` first", got="no such secret")
+            values[name] = self.box.open(name, sealed).decode()
+        return values
 
 
 def _check_name(name: str) -> None:

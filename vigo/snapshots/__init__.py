@@ -1,1 +1,2 @@
-"""The state stream and what consumes it: WAL segments, snapshots, archive targets, restore, backups."""
+"""What consumes the state's stream (``vigo.state``): the archive (layout, archiver, targets),
+restore from it, and backups."""

@@ -8,11 +8,7 @@ in order, and deletes a spool file only once the target has it. So a target outa
 blocks a write or a checkpoint: the spool grows (a loud warning and a status flag past
 ``spool_max_bytes``) and drains in order when the target answers again.
 
-Layout under the target (positions and times in names and metadata, never modification times):
-
-    <partition>/generations/<gen>/generation.json
-    <partition>/generations/<gen>/snapshots/<index:08x>.db
-    <partition>/generations/<gen>/wal/<index:08x>/<start:016x>-<end:016x>.seg
+What the objects under the target are called is ``vigo.snapshots.layout``'s.
 """
 
 from __future__ import annotations
@@ -27,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vigo.snapshots._fs import fsync_path
-from vigo.snapshots.stream import Segment, Snapshot, decode_segment, encode_segment, merge_segments
+from vigo.durable import fsync_path
+from vigo.errors import TargetError, TargetUnavailable
+from vigo.snapshots import layout
+from vigo.state.stream import Segment, Snapshot, decode_segment, encode_segment, merge_segments
 
 log = logging.getLogger("vigo.snapshots.archiver")
 
@@ -38,18 +36,6 @@ BACKOFF_MAX_S = 10.0
 MAX_OBJECT_BYTES = 64 * 1024 * 1024
 #: How often a spool past its bound is shouted about in the log, seconds.
 SPOOL_WARNING_EVERY_S = 60.0
-
-
-def generation_prefix(partition: str, generation: str) -> str:
-    return f"{partition}/generations/{generation}"
-
-
-def snapshot_key(partition: str, generation: str, index: int) -> str:
-    return f"{generation_prefix(partition, generation)}/snapshots/{index:08x}.db"
-
-
-def segment_key(partition: str, seg: Segment) -> str:
-    return f"{generation_prefix(partition, seg.generation)}/wal/{seg.index:08x}/{seg.start:016x}-{seg.end:016x}.seg"
 
 
 @dataclass
@@ -246,8 +232,6 @@ class Archiver:
         """Upload what was spooled when this pass began, in order; stop at the first failure.
         Segments spooled meanwhile wait for the next tick: under a steady load a pass that
         chased them would never end, one small PUT after another. Returns objects sent."""
-        from vigo.snapshots.targets.base import TargetError, TargetUnavailable
-
         now = self.clock()
         if now < self._retry_at:
             return 0
@@ -311,11 +295,11 @@ class Archiver:
         if batch[0].kind == "snap":
             meta = batch[0].snapshot or {}
             gen, index = meta["generation"], int(meta["index"])
-            self.target.put_file(snapshot_key(self.partition, gen, index), batch[0].path, {
+            self.target.put_file(layout.snapshot_key(self.partition, gen, index), batch[0].path, {
                 "created-ms": str(int(meta["created_at"] * 1000)), "term": str(meta["term"]),
                 "page-size": str(meta["page_size"]), "db-sha256": meta["sha256"],
             })
-            gen_key = f"{generation_prefix(self.partition, gen)}/generation.json"
+            gen_key = layout.generation_record_key(self.partition, gen)
             if self.target.head(gen_key) is None:
                 self.target.put(gen_key, json.dumps({
                     "generation": gen, "partition": self.partition, "created_at": meta["created_at"],
@@ -324,7 +308,8 @@ class Archiver:
             size = batch[0].size
         else:
             seg = merge_segments([s.segment for s in batch if s.segment is not None])
-            self.target.put(segment_key(self.partition, seg), encode_segment(seg), {
+            key = layout.segment_key(self.partition, seg.generation, seg.index, seg.start, seg.end)
+            self.target.put(key, encode_segment(seg), {
                 "first-commit-ms": str(int(seg.commits[0][2] * 1000)),
                 "last-commit-ms": str(int(seg.commits[-1][2] * 1000)), "term": str(seg.term),
             })
@@ -343,10 +328,8 @@ class Archiver:
         """Keep snapshots newer than ``retention_s`` (at least the newest one) and the WAL needed
         to roll them forward; delete older generations and everything below the oldest kept
         snapshot of the current one. Returns the keys deleted."""
-        from vigo.snapshots.restore import list_generations
-
         cutoff = self.clock() - self.retention_s
-        gens = list_generations(self.target, self.partition)
+        gens = layout.list_generations(self.target, self.partition)
         if not gens:
             return []
         doomed: list[str] = []
@@ -356,7 +339,7 @@ class Archiver:
             if gen is newest and not kept and gen.snapshots:
                 kept = [gen.snapshots[-1]]
             if not kept:
-                doomed += [o.key for o in self.target.list(generation_prefix(self.partition, gen.generation) + "/")]
+                doomed += [o.key for o in self.target.list(layout.generation_prefix(self.partition, gen.generation) + "/")]
                 continue
             floor = min(s.index for s in kept)
             doomed += [s.key for s in gen.snapshots if s.index < floor]

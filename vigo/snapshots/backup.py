@@ -56,15 +56,23 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import apsw
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 import vigo
-from vigo.errors import ConfigError, VigoError
-from vigo.snapshots._fs import fsync_path
+from vigo.crypto.aead import KEY_BYTES, NONCE_BYTES, TAG_BYTES, Sealer
+from vigo.durable import fsync_path
+from vigo.errors import (
+    BackupCorruptError,
+    BackupError,
+    BackupFormatError,
+    BackupKeyError,
+    ConfigError,
+    SecretError,
+    VigoError,
+)
+from vigo.state.store import Store
 
 MAGIC = b"VIGOBKUP"
 FORMAT_VERSION = 1
@@ -85,10 +93,7 @@ MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 #: Database pages copied per online-backup step (8 MiB at 4 KiB pages): the progress grain.
 SNAPSHOT_STEP_PAGES = 2048
 
-KEY_BYTES = 32  # AES-256
 SALT_BYTES = 16
-NONCE_BYTES = 12  # the GCM standard nonce size; random per record (see _write_sealed)
-TAG_BYTES = 16
 BACKUP_ID_BYTES = 16
 KEY_CHECK_BYTES = 16
 
@@ -117,27 +122,8 @@ _CHUNK_AAD = b"vigo-backup/1/chunk\0"
 Progress = Callable[[str, int, int], None]
 
 
-class BackupError(VigoError):
-    """A backup that cannot be written, read or restored.
-
-        BackupError                       also: a non-empty restore target, an existing --out
-        ├── BackupFormatError(ValueError) not a vigo backup, or a format this vigo cannot read
-        ├── BackupKeyError                wrong passphrase or key
-        └── BackupCorruptError            truncated, damaged header, an entry or the manifest
-                                          that fails authentication, integrity_check, trees
-    """
-
-
-class BackupFormatError(BackupError, ValueError):
-    """Bytes that are not a vigo backup, or one of an unknown format version."""
-
-
-class BackupKeyError(BackupError):
-    """The passphrase or key does not open this backup."""
-
-
-class BackupCorruptError(BackupError):
-    """A backup that is damaged or was altered."""
+# Errors: BackupError (also: a non-empty restore target, an existing --out) with
+# BackupFormatError(ValueError), BackupKeyError and BackupCorruptError, in vigo.errors.
 
 
 # --- keys ---------------------------------------------------------------------------------
@@ -229,7 +215,7 @@ class _Keys:
         def derive(info: bytes, length: int) -> bytes:
             return HKDF(algorithm=hashes.SHA256(), length=length, salt=backup_id, info=info).derive(key)
 
-        self.aead = AESGCM(derive(b"vigo-backup/1/aes-256-gcm", KEY_BYTES))
+        self.aead = Sealer(derive(b"vigo-backup/1/aes-256-gcm", KEY_BYTES), what="backup key")
         self.check = derive(b"vigo-backup/1/key-check", KEY_CHECK_BYTES)
 
 
@@ -387,11 +373,11 @@ def _header_bytes(header: dict[str, Any]) -> bytes:
     return start + _U32.pack(zlib.crc32(start))
 
 
-def _write_sealed(f: BinaryIO, aead: AESGCM, plaintext: bytes, aad: bytes) -> None:
+def _write_sealed(f: BinaryIO, aead: Sealer, plaintext: bytes, aad: bytes) -> None:
+    # A record is ciphertext length | nonce | ciphertext+tag; the sealer's blob is the last two.
     # Random nonces: about 50 records per GB, far below the 2**32 a key may safely seal.
-    nonce = os.urandom(NONCE_BYTES)
-    sealed = aead.encrypt(nonce, plaintext, aad)
-    f.write(_U32.pack(len(sealed)) + nonce)
+    sealed = aead.seal(plaintext, aad)
+    f.write(_U32.pack(len(sealed) - NONCE_BYTES))
     f.write(sealed)
 
 
@@ -436,16 +422,16 @@ class _Reader:
         self.offset += n
         return data
 
-    def sealed(self, limit: int, what: str) -> tuple[int, bytes, bytes]:
-        """One sealed record: (its offset, nonce, ciphertext)."""
+    def sealed(self, limit: int, what: str) -> tuple[int, bytes]:
+        """One sealed record: (its offset, nonce + ciphertext as the sealer opens it)."""
         start = self.offset
         (length,) = _U32.unpack(self.read(_U32.size, what))
         if not TAG_BYTES <= length <= limit + TAG_BYTES:
             raise BackupCorruptError(
                 f"backup {self.label}: {what} at byte {start} has a length field of {length} bytes, "
                 f"expected {TAG_BYTES}..{limit + TAG_BYTES}: the file is corrupted")
-        nonce = self.read(NONCE_BYTES, what)
-        return start, nonce, self.read(length, what)
+        nonce = self.read(NONCE_BYTES, what)  # read apart so a truncation says which part is cut
+        return start, nonce + self.read(length, what)
 
 
 @dataclass
@@ -517,10 +503,10 @@ def _open(f: BinaryIO, label: str, size: int, secret: str | bytes | BackupKey) -
             hint = "; the key given was derived with another salt, give the passphrase instead"
         raise BackupKeyError(f"wrong passphrase or key for backup {label} (its key check does not "
                              f"match, so the manifest does not authenticate{hint})")
-    offset, nonce, sealed = reader.sealed(MAX_MANIFEST_BYTES, "the manifest")
+    offset, sealed = reader.sealed(MAX_MANIFEST_BYTES, "the manifest")
     try:
-        raw = keys.aead.decrypt(nonce, sealed, _MANIFEST_AAD + hashlib.sha256(header_raw).digest())
-    except InvalidTag as exc:
+        raw = keys.aead.open(sealed, _MANIFEST_AAD + hashlib.sha256(header_raw).digest())
+    except SecretError as exc:
         raise BackupCorruptError(
             f"backup {label}: the manifest (at byte {offset}) failed authentication although the key is "
             "right: the file is corrupted or was tampered with (an edited header shows up here too)") from exc
@@ -566,21 +552,22 @@ def _read_entry(opened: _Opened, entry: dict[str, Any], sink: Callable[[bytes], 
         final = index == count - 1
         what = f"entry {name} (chunk {index + 1} of {count})"
         expected = size - index * chunk_bytes if final else chunk_bytes
-        offset, nonce, sealed = opened.reader.sealed(chunk_bytes, what)
-        if len(sealed) != expected + TAG_BYTES:
+        offset, sealed = opened.reader.sealed(chunk_bytes, what)
+        held = len(sealed) - NONCE_BYTES - TAG_BYTES
+        if held != expected:
             raise BackupCorruptError(
-                f"backup {opened.label}: {what} at byte {offset} holds {len(sealed) - TAG_BYTES} bytes, the "
+                f"backup {opened.label}: {what} at byte {offset} holds {held} bytes, the "
                 f"manifest says {expected}: the file is corrupted or was tampered with")
         try:
-            plain = opened.keys.aead.decrypt(nonce, sealed, _chunk_aad(backup_id, name, index, final))
-        except InvalidTag as exc:
+            plain = opened.keys.aead.open(sealed, _chunk_aad(backup_id, name, index, final))
+        except SecretError as exc:
             raise BackupCorruptError(
                 f"backup entry {name} failed authentication: the file is corrupted or was tampered with "
                 f"(chunk {index + 1} of {count} at byte {offset} of {opened.label})") from exc
         digest.update(plain)
         got += len(plain)
         sink(plain)
-        on_bytes(len(sealed) + NONCE_BYTES + _U32.size)
+        on_bytes(len(sealed) + _U32.size)
     if got != size or digest.hexdigest() != entry["sha256"]:
         raise BackupCorruptError(
             f"backup entry {name}: decrypted {got} bytes with sha256 {digest.hexdigest()[:16]}..., the "
@@ -741,9 +728,7 @@ def restore_backup(path: Path | str, key: str | bytes | BackupKey, data_dir: Pat
             raise BackupError(f"cannot put the restored database in place at {target}: {exc}") from exc
         if progress:
             progress("restore", 0, 1)
-        from vigo.server.store import Store  # the server's store: its migration and WAL setup apply
-
-        store = Store(data_dir)
+        store = Store(data_dir)  # the server's store: its migration and WAL setup apply
         try:
             written = store.materialise_trees()
         finally:

@@ -17,89 +17,33 @@ generation with a fresh snapshot: it never appends to the chain it was restored 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vigo.errors import ConfigError, VigoError
-from vigo.snapshots._fs import fsync_path
-from vigo.snapshots.apply import Applier, StreamGap
-from vigo.snapshots.stream import decode_segment
+from vigo.durable import fsync_path
+from vigo.errors import ConfigError, RestoreError, StreamGap
+from vigo.snapshots.layout import (
+    GenerationInfo,
+    SnapInfo,
+    WalInfo,
+    list_generations,
+    list_partitions,
+)
+from vigo.state.apply import Applier
+from vigo.state.store import Store
+from vigo.state.stream import decode_segment
 
 log = logging.getLogger("vigo.snapshots.restore")
 
 #: Segments downloaded ahead of the one being applied.
 PREFETCH = 8
-_SNAP = re.compile(r"/snapshots/(?P<index>[0-9a-f]{8})\.db$")
-_WAL = re.compile(r"/wal/(?P<index>[0-9a-f]{8})/(?P<start>[0-9a-f]{16})-(?P<end>[0-9a-f]{16})\.seg$")
-
-
-class RestoreError(VigoError):
-    exit_code = 1
-
-
-@dataclass
-class SnapInfo:
-    key: str
-    index: int
-    size: int
-    created_at: float = 0.0
-
-
-@dataclass
-class WalInfo:
-    key: str
-    index: int
-    start: int
-    end: int
-    size: int
-
-
-@dataclass
-class GenerationInfo:
-    generation: str
-    created_at: float
-    term: int
-    snapshots: list[SnapInfo] = field(default_factory=list)
-    wal: list[WalInfo] = field(default_factory=list)
-
-
-def list_generations(target: Any, partition: str, *, with_snapshot_times: bool = True) -> list[GenerationInfo]:
-    """Every generation of ``partition`` in the archive, oldest first (by recorded creation time)."""
-    prefix = f"{partition}/generations/"
-    by_gen: dict[str, GenerationInfo] = {}
-    for obj in target.list(prefix):
-        gen = obj.key[len(prefix):].split("/", 1)[0]
-        info = by_gen.setdefault(gen, GenerationInfo(gen, 0.0, 0))
-        if (m := _SNAP.search(obj.key)) is not None:
-            info.snapshots.append(SnapInfo(obj.key, int(m["index"], 16), obj.size))
-        elif (m := _WAL.search(obj.key)) is not None:
-            info.wal.append(WalInfo(obj.key, int(m["index"], 16), int(m["start"], 16), int(m["end"], 16), obj.size))
-    out = []
-    for gen, info in by_gen.items():
-        try:
-            meta = json.loads(target.get(f"{prefix}{gen}/generation.json"))
-            info.created_at, info.term = float(meta["created_at"]), int(meta.get("term", 0))
-        except Exception as exc:  # a generation without its record cannot be ordered: skip it, say so
-            log.warning("archive generation %s has no readable generation.json (%s); skipped", gen, exc)
-            continue
-        info.snapshots.sort(key=lambda s: s.index)
-        info.wal.sort(key=lambda w: (w.index, w.start, w.end))
-        if with_snapshot_times:
-            for snap in info.snapshots:
-                head = target.head(snap.key)
-                snap.created_at = int((head.metadata if head else {}).get("created-ms", 0)) / 1000
-        out.append(info)
-    out.sort(key=lambda g: g.created_at)
-    return out
 
 
 @dataclass
@@ -250,7 +194,7 @@ def restore(url: str, data_dir: Path | str, *, partition: str | None = None, to_
 
 
 def _only_partition(target: Any) -> str:
-    names = sorted({o.key.split("/", 1)[0] for o in target.list("") if "/generations/" in o.key})
+    names = list_partitions(target)
     if len(names) == 1:
         return names[0]
     if not names:
@@ -279,8 +223,6 @@ def _check_database(path: Path, applier: Applier) -> None:
 
 
 def _materialise(data_dir: Path) -> int:
-    from vigo.server.store import Store
-
     store = Store(data_dir)
     try:
         return store.materialise_trees()

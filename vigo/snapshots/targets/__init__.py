@@ -3,8 +3,9 @@
     open_target("file:///srv/vigo-archive")
     open_target("s3://bucket/prefix", endpoint_url="http://127.0.0.1:9000")
 
-The interface and the errors are in `base`; one module per backend (`file`, `s3`). The S3
-module imports boto3, so it is loaded only when an ``s3://`` URL asks for it.
+The interface is in `base` (its errors, ``TargetError`` and below, in `vigo.errors`); one
+module per backend (`file`, `s3`). The S3 module imports boto3, so it is loaded only when an
+``s3://`` URL asks for it.
 """
 
 from __future__ import annotations
@@ -12,28 +13,12 @@ from __future__ import annotations
 from urllib.parse import unquote, urlsplit
 
 from vigo.errors import ConfigError
-from vigo.snapshots.targets.base import (
-    InvalidRequest,
-    NotFound,
-    ObjectConflict,
-    ObjectCorrupt,
-    ObjectInfo,
-    Progress,
-    Target,
-    TargetError,
-    TargetUnavailable,
-)
+from vigo.snapshots.targets.base import ObjectInfo, Progress, Target
 
 __all__ = [
-    "InvalidRequest",
-    "NotFound",
-    "ObjectConflict",
-    "ObjectCorrupt",
     "ObjectInfo",
     "Progress",
     "Target",
-    "TargetError",
-    "TargetUnavailable",
     "open_target",
 ]
 

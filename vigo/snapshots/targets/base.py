@@ -10,15 +10,11 @@ files) and never end in ``.meta.json`` (the file backend keeps metadata there). 
 is key order, so callers put what they order by into key names as fixed-width lowercase hex
 (notes/wal-archiving.md §5) and never rely on modification times.
 
-Errors (all carry a message saying what was attempted, what was expected, what arrived):
-
-    VigoError
-    └── TargetError                          permanent: credentials, missing bucket or directory
-        ├── TargetUnavailable(ConnectionError) transient: refused, timed out, 5xx; spool and retry
-        ├── NotFound                         no object under that key
-        ├── ObjectCorrupt                    stored bytes whose sha256 is not the one put wrote
-        ├── ObjectConflict                   a write-once key that already holds other bytes
-        └── InvalidRequest(ValueError)       a key, prefix or metadata the interface refuses
+Errors are ``TargetError`` and its subclasses in `vigo.errors`: permanent ones (credentials,
+a missing bucket or directory) as ``TargetError``, ``TargetUnavailable(ConnectionError)`` for
+transient ones (refused, timed out, 5xx: spool and retry), ``NotFound``, ``ObjectCorrupt``,
+``ObjectConflict`` and ``InvalidRequest(ValueError)``; each message says what was attempted,
+what was expected and what arrived.
 """
 
 from __future__ import annotations
@@ -34,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from vigo.errors import VigoError
-from vigo.snapshots._fs import fsync_path
+from vigo.durable import fsync_path
+from vigo.errors import InvalidRequest
 
 #: ``progress(bytes_done, bytes_total)``; called from the calling thread, never concurrently.
 Progress = Callable[[int, int], None]
@@ -59,37 +55,6 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_@=+:-][A-Za-z0-9_@=+:.-]*")
 _META_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 # Printable ASCII without surrounding blanks: metadata travels in HTTP headers, which trim.
 _META_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?")
-
-
-class TargetError(VigoError):
-    """An archive target refused or failed an operation for a reason that will not pass by itself."""
-
-    def __init__(self, message: str, *, key: str | None = None) -> None:
-        #: The key the operation was about, when there was one.
-        self.key = key
-        super().__init__(message)
-
-
-class TargetUnavailable(TargetError, ConnectionError):
-    """The target cannot be reached right now (refused, timed out, 5xx): spool and retry later."""
-
-    exit_code = 3
-
-
-class NotFound(TargetError):
-    """No object under that key."""
-
-
-class ObjectCorrupt(TargetError):
-    """An object whose bytes do not hash to the sha256 stored when it was put."""
-
-
-class ObjectConflict(TargetError):
-    """A put to a key that already holds different bytes: archive objects are write-once."""
-
-
-class InvalidRequest(TargetError, ValueError):
-    """A key, prefix or metadata entry the interface refuses; a bug in the caller."""
 
 
 @dataclass(frozen=True)

@@ -30,19 +30,21 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from vigo.errors import ConfigError
+from vigo.errors import (
+    ConfigError,
+    NotFound,
+    ObjectConflict,
+    ObjectCorrupt,
+    TargetError,
+    TargetUnavailable,
+)
 from vigo.snapshots.targets.base import (
     COPY_CHUNK_BYTES,
     META_SUFFIX,
     SHA256_KEY,
-    NotFound,
-    ObjectConflict,
-    ObjectCorrupt,
     ObjectInfo,
     Progress,
     Target,
-    TargetError,
-    TargetUnavailable,
     atomic_download,
     check_key,
     check_metadata,

@@ -32,19 +32,21 @@ import boto3
 import botocore.config
 from botocore import exceptions as bx
 
-from vigo.errors import ConfigError
-from vigo.snapshots.targets.base import (
-    COPY_CHUNK_BYTES,
-    SHA256_KEY,
+from vigo.errors import (
+    ConfigError,
     InvalidRequest,
     NotFound,
     ObjectConflict,
     ObjectCorrupt,
+    TargetError,
+    TargetUnavailable,
+)
+from vigo.snapshots.targets.base import (
+    COPY_CHUNK_BYTES,
+    SHA256_KEY,
     ObjectInfo,
     Progress,
     Target,
-    TargetError,
-    TargetUnavailable,
     atomic_download,
     check_key,
     check_metadata,

@@ -37,11 +37,11 @@ from typing import Protocol
 
 import apsw
 
-from vigo.errors import StoreError
-from vigo.snapshots import walformat as wf
-from vigo.snapshots._fs import fsync_path
+from vigo.durable import fsync_path
+from vigo.errors import StoreError, WalFormatError
+from vigo.state import walformat as wf
 
-log = logging.getLogger("vigo.snapshots.stream")
+log = logging.getLogger("vigo.state.stream")
 
 #: Largest WAL read per seal, bytes: a huge transaction is sealed in one go anyway (a segment
 #: always ends on a commit frame), this only bounds the read of frames nobody committed.
@@ -251,7 +251,7 @@ class WalStream:
             return f"the WAL is gone or empty but {st.offset} bytes of index {st.index} were sealed"
         try:
             header = wf.parse_header(raw)
-        except wf.WalFormatError as exc:
+        except WalFormatError as exc:
             return f"the WAL header is unreadable ({exc})"
         if header.salts != st.salts:
             if st.restart_expected:

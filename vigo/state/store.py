@@ -31,9 +31,9 @@ from typing import Any
 import apsw
 
 from vigo.errors import StoreError
-from vigo.snapshots.stream import WalStream
+from vigo.state.stream import WalStream
 
-log = logging.getLogger("vigo.server.store")
+log = logging.getLogger("vigo.state.store")
 
 SCHEMA_VERSION = 1
 TREES = ("stack", "secrets", "tls", "server.yaml")

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from vigo.errors import VigoError
+from vigo.errors import WalFormatError
 
 WAL_HEADER_BYTES = 32
 FRAME_HEADER_BYTES = 24
@@ -34,12 +34,6 @@ MAGIC_LE = 0x377F0682
 MAGIC_BE = 0x377F0683
 WAL_FORMAT_VERSION = 3007000
 _MASK32 = 0xFFFFFFFF
-
-
-class WalFormatError(VigoError):
-    """A WAL header or frame is not what SQLite writes (bad magic, broken chain, torn frame)."""
-
-    exit_code = 1
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""The one durability helper the stream, archive, restore, backups and standbys share."""
+"""Durability helpers shared by every layer: the state's stream, the archive, restore, backups
+and standbys use them today. A bottom-layer module (standard library only) so that the state
+package below the snapshots, and the envoy, can share one copy."""
 
 from __future__ import annotations
 

@@ -23,27 +23,11 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vigo.errors import VigoError
-from vigo.snapshots import walformat as wf
-from vigo.snapshots.stream import Segment
+from vigo.errors import CorruptSegment, NeedSnapshot, StreamGap, WalFormatError
+from vigo.state import walformat as wf
+from vigo.state.stream import Segment
 
-log = logging.getLogger("vigo.snapshots.apply")
-
-
-class StreamGap(VigoError):
-    """A segment does not start where this receiver is; the sender resends from ``position``."""
-
-    def __init__(self, message: str, position: tuple[str, int, int] | None) -> None:
-        super().__init__(message)
-        self.position = position
-
-
-class NeedSnapshot(StreamGap):
-    """This receiver has no state in the segment's generation: it must be sent a snapshot."""
-
-
-class CorruptSegment(VigoError):
-    """A segment's bytes do not form the committed frames its header claims."""
+log = logging.getLogger("vigo.state.apply")
 
 
 @dataclass
@@ -157,7 +141,7 @@ class Applier:
         if seg.start == 0:
             try:
                 header = wf.parse_header(bytes(data[:wf.WAL_HEADER_BYTES]))
-            except wf.WalFormatError as exc:
+            except WalFormatError as exc:
                 raise CorruptSegment(f"segment {seg.describe()}: {exc}") from exc
             if st.page_size and header.page_size != st.page_size:
                 raise CorruptSegment(f"segment {seg.describe()} has page size {header.page_size}, "

@@ -1,12 +1,25 @@
-"""`Primary`: the actor that holds one member of a partition: its primary, or a standby.
+"""`Member`: the actor that holds one member of a partition, whose role is primary or standby.
 
 A thin shell over plain cores: ``vigo.server.partition.Partition`` when primary,
-``vigo.server.replication.StandbyCore`` when standby, and ``ReplicationLog`` for the standbys a
-primary feeds. The role is not fixed at birth: the control actor's topology decides it at every
-start (a restarted old primary whose partition moved on comes back as a standby), ``promote``
-turns a standby into the primary at a higher term, and ``fence`` (or any message from a higher
-term) turns a primary into a standby. Actor names are birth names (``primary-p0``,
-``standby-p0-<host>``); `vigocli server status` shows who holds which role now.
+``vigo.server.peer.standby.StandbyCore`` when standby,
+``vigo.server.peer.replication.ReplicationLog`` for the standbys a primary feeds, and
+``vigo.server.spanner.bolt.BoltCore`` when the partition is a spanner bolt. Every Ray call goes
+through the runtime (vigo.actors.runtime).
+
+The role is not fixed at birth: the control actor's topology decides it at every start (a
+restarted old primary whose partition moved on comes back as a standby), ``promote`` turns a
+standby into the primary at a higher term, and ``fence`` (or any message from a higher term)
+turns a primary into a standby. Actor names are birth names (``primary-p0``,
+``standby-p0-<host>``, ``bolt-<host>``) and stay so: control's topology, redeploys and operators
+know members by them; `vigocli server status` shows who holds which role now.
+
+The constructor never fails because of another actor (Ray gives up on an actor whose
+constructor raises, whatever ``max_restarts`` says): a start thread asks control for the route,
+retrying until control answers, and only then opens the database in its role; the constructor
+waits for it at most ``INIT_WAIT_S`` and returns either way. Until the role is taken the member
+answers ``ping`` with role ``starting`` and other calls wait for it (``START_WAIT_S``), then
+fail as "not primary", which gateways and the sender retry. With no control actor at all (a
+member started by hand) it starts in its birth role.
 
 A sync actor on purpose: Ray runs one method at a time, the single-writer discipline the
 database needs. Two threads help, neither touching the database outside the lock every method
@@ -19,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import shutil
 import threading
 import time
@@ -26,11 +40,26 @@ from pathlib import Path
 from typing import Any
 
 from vigo import config as config_mod
-from vigo.errors import NotPrimaryError, ProtocolError, VigoError
+from vigo.actors.runtime import RAY, Runtime
+from vigo.errors import NotPrimaryError, ProtocolError, RosterError, VigoError
 from vigo.server.partition import Partition, error_of
-from vigo.server.replication import ReplicationLog, StandbyCore, Work
+from vigo.server.peer.replication import ReplicationLog, Work
+from vigo.server.peer.standby import StandbyCore
+from vigo.server.spanner.bolt import BoltCore, bolt_name
+from vigo.server.topology import member_revision
 
-log = logging.getLogger("vigo.actors.primary")
+log = logging.getLogger("vigo.actors.member")
+
+#: Longest wait for control's answer to the start thread's route question, seconds.
+ROUTE_TIMEOUT_S = 5.0
+#: Retry waits of the start thread while control does not answer: full jitter, from 0.2 s up to
+#: 5 s, so a member restarted with control is in its role within a few seconds of control.
+START_RETRY_BASE_S = 0.2
+START_RETRY_CAP_S = 5.0
+#: How long a call waits for the start thread before it fails (the caller retries), seconds.
+START_WAIT_S = 10.0
+#: How long the constructor waits for the start thread before returning anyway, seconds.
+INIT_WAIT_S = 5.0
 
 #: How often envoy status counts are recomputed for the metrics, seconds.
 STATUS_EXPORT_S = 30.0
@@ -47,18 +76,26 @@ LIVENESS_POLL_S = 0.5
 
 
 def _serialised(method):
-    """Run an actor method under the member lock (shared with the upkeep thread)."""
+    """Run an actor method under the member lock (shared with the upkeep thread), once the
+    member is in its role."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        self._wait_started()
         with self._lock:
             return method(self, *args, **kwargs)
     return wrapper
 
 
-class Primary:
+def _retry_wait(attempt: int) -> float:
+    """Full-jitter exponential wait before retry ``attempt`` (0 first), seconds."""
+    return random.uniform(0.0, min(START_RETRY_CAP_S, START_RETRY_BASE_S * 2 ** min(attempt, 20)))
+
+
+class Member:
     def __init__(self, data_dir: str, cfg: dict[str, Any] | None = None, name: str | None = None,
-                 role: str = "primary") -> None:
+                 role: str = "primary", rt: Runtime = RAY) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.rt = rt
         self.cfg = config_mod.from_dict(cfg) if cfg is not None else None
         self.data_dir = data_dir
         self.name = name or f"primary-{self.cfg.partition if self.cfg else 'p0'}"
@@ -67,10 +104,71 @@ class Primary:
         self.partition: Partition | None = None
         self.standby: StandbyCore | None = None
         self.replication: ReplicationLog | None = None
-        self.bolt: Any = None  # spanner: vigo.server.bolt.BoltCore when this member is a bolt
+        self.bolt: BoltCore | None = None  # spanner: when this member is a bolt's primary
         self._stop = threading.Event()
         self._sender_stop = threading.Event()
-        route = self._route()
+        # What defines this member: a redeploy whose wanted revision differs restarts it.
+        self.revision = member_revision(data_dir, cfg, self.name)
+        self._birth_role = role
+        self._started = threading.Event()
+        self.start_error: str | None = None
+        # Metric names keep the "primary" of the days when this class was named so: dashboards
+        # and alerts know them by these names.
+        self._tags = {"partition": self.partition_name}
+        self._requests = rt.counter("vigo_primary_requests_total", "envoy requests answered, by type",
+                                    ("partition", "type"))
+        self._batch = rt.histogram("vigo_primary_batch_size", "envoy requests per batch call",
+                                   [1, 4, 16, 64, 256, 1024], ("partition",))
+        self._envoys = rt.gauge("vigo_envoys", "envoys by derived status", ("partition", "status"))
+        self._queued = rt.gauge("vigo_envoy_queued_reports", "reports envoys said they hold, summed", ("partition",))
+        self._lag = rt.gauge("vigo_replication_lag_bytes", "WAL bytes a standby has not acknowledged",
+                             ("partition", "standby"))
+        self._archive_lag = rt.gauge("vigo_archive_lag_seconds", "age of the oldest commit not yet archived",
+                                     ("partition",))
+        self._next_status_export = 0.0
+        threading.Thread(target=self._start, name="vigo-start", daemon=True).start()
+        threading.Thread(target=self._upkeep, name="vigo-upkeep", daemon=True).start()
+        # Only so that Ray's one-time repr of this actor names its role in the common case; the
+        # constructor returns either way.
+        self._started.wait(INIT_WAIT_S)
+
+    # --- roles -----------------------------------------------------------------------------------
+
+    def _route(self) -> dict[str, Any] | None:
+        """Control's route for this partition; None when there is no control actor at all (a
+        member started outside a deployment) or control knows no route yet (the first deploy).
+        Raises while control exists but does not answer (it is restarting): the caller retries,
+        since starting in the birth role then could make a second primary."""
+        try:
+            control = self.rt.actor("control")
+        except ValueError:
+            return None
+        return self.rt.call(control, "route", self.partition_name, timeout_s=ROUTE_TIMEOUT_S)
+
+    def _start(self) -> None:
+        """The start thread: learn the role from control (retrying until it answers), then
+        open the database in it (retrying a failure, which ``ping`` reports meanwhile)."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                route = self._route()
+                with self._lock:
+                    self._take_role(route)
+                self.start_error = None
+                self._started.set()
+                return
+            except Exception as exc:
+                lines = str(exc).strip().splitlines()
+                self.start_error = f"{type(exc).__name__}: {lines[-1][:200] if lines else ''}"
+                wait = _retry_wait(attempt)
+                attempt += 1
+                log.log(logging.WARNING if attempt in (1, 10) or attempt % 50 == 0 else logging.DEBUG,
+                        "%s: not started yet (attempt %d: %s); retrying in %.1f s", self.name, attempt,
+                        self.start_error, wait)
+                self._stop.wait(wait)
+
+    def _take_role(self, route: dict[str, Any] | None) -> None:
+        role = self._birth_role
         if route and route.get("primary") not in (None, self.name):
             role = "standby"  # the partition moved on while this member was away: it follows now
         elif route and route.get("primary") == self.name:
@@ -81,36 +179,13 @@ class Primary:
             self._become_standby(f"started as standby (primary: {(route or {}).get('primary', 'unknown')})")
             if route:  # fenced from the start: an old-term stream is refused before any arrives
                 self.standby.observe_term(int(route.get("term", 0)))
-        threading.Thread(target=self._upkeep, name="vigo-upkeep", daemon=True).start()
-        from ray.util.metrics import Counter, Gauge, Histogram
 
-        self._tags = {"partition": self.partition_name}
-        self._requests = Counter("vigo_primary_requests_total", "envoy requests answered, by type",
-                                 tag_keys=("partition", "type"))
-        self._batch = Histogram("vigo_primary_batch_size", "envoy requests per batch call",
-                                boundaries=[1, 4, 16, 64, 256, 1024], tag_keys=("partition",))
-        self._envoys = Gauge("vigo_envoys", "envoys by derived status", tag_keys=("partition", "status"))
-        self._queued = Gauge("vigo_envoy_queued_reports", "reports envoys said they hold, summed",
-                             tag_keys=("partition",))
-        self._lag = Gauge("vigo_replication_lag_bytes", "WAL bytes a standby has not acknowledged",
-                          tag_keys=("partition", "standby"))
-        self._archive_lag = Gauge("vigo_archive_lag_seconds", "age of the oldest commit not yet archived",
-                                  tag_keys=("partition",))
-        self._next_status_export = 0.0
-
-    # --- roles -----------------------------------------------------------------------------------
-
-    def _route(self) -> dict[str, Any] | None:
-        import ray
-
-        from vigo.actors import NAMESPACE
-
-        try:
-            control = ray.get_actor("control", namespace=NAMESPACE)
-            return ray.get(control.route.remote(self.partition_name), timeout=30)
-        except Exception as exc:  # no control yet (first deploy) or unreachable: keep the birth role
-            log.info("%s: no route from control (%s); starting as born", self.name, exc)
-            return None
+    def _wait_started(self) -> None:
+        if self._started.is_set():
+            return
+        if not self._started.wait(START_WAIT_S):
+            raise NotPrimaryError(f"{self.name} is still starting (it learns its role from control first"
+                                  f"{'; ' + self.start_error if self.start_error else ''}); retry")
 
     def _become_primary(self, *, standbys: list[str] | None = None, term: int | None = None) -> None:
         data_dir = Path(self.data_dir)
@@ -142,8 +217,6 @@ class Primary:
 
     def _start_bolt(self) -> None:
         """Spanner: attach the admissions roster and start replicating it with the sibling bolts."""
-        from vigo.server.bolt import BoltCore, bolt_name
-
         cfg = self.partition.cfg
         bolts = [bolt_name(h) for h in cfg.spanner.bolts]
         # A bolt is a partition: whichever member is its primary (the first one, or a promoted
@@ -209,10 +282,7 @@ class Primary:
 
     def _send_loop(self, rlog: ReplicationLog, stop: threading.Event) -> None:
         """Feed every standby: at most one message in flight each, replies to the log."""
-        import ray
-
-        from vigo.actors import NAMESPACE
-
+        rt = self.rt
         handles: dict[str, Any] = {}
         inflight: dict[Any, tuple[str, Work, float]] = {}
         busy: set[str] = set()
@@ -226,9 +296,9 @@ class Primary:
                     work = rlog.work_for(name)
                     if work is None:
                         continue
-                    handle = handles.get(name) or ray.get_actor(name, namespace=NAMESPACE)
+                    handle = handles.get(name) or rt.actor(name)
                     handles[name] = handle
-                    ref = self._submit(handle, work, term)
+                    ref = self._submit(rt, handle, work, term)
                 except Exception as exc:
                     handles.pop(name, None)
                     rlog.on_failure(name, f"cannot reach {name}: {type(exc).__name__}: {exc}")
@@ -238,12 +308,12 @@ class Primary:
             if not inflight:
                 rlog.wait_for_work(SENDER_IDLE_S)
                 continue
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=SENDER_IDLE_S)
+            ready, _ = rt.wait(list(inflight), num_returns=1, timeout_s=SENDER_IDLE_S)
             for ref in ready:
                 name, work, _ = inflight.pop(ref)
                 busy.discard(name)
                 try:
-                    reply = ray.get(ref)
+                    reply = rt.result(ref)
                 except Exception as exc:
                     handles.pop(name, None)
                     rlog.on_failure(name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}")
@@ -262,22 +332,19 @@ class Primary:
     def _roster_loop(self, core: Any, peers: list[str], stop: threading.Event) -> None:
         """Spanner: poll peers' liveness, push roster deltas and digests, route the answers.
         Messages are fire-and-forget: the roster tolerates loss, duplication and reordering."""
-        import ray
-
-        from vigo.actors import NAMESPACE
-
+        rt = self.rt
         handles: dict[str, Any] = {}
         inflight: dict[Any, str] = {}
         next_poll = 0.0
-        control = ray.get_actor("control", namespace=NAMESPACE)
 
         def handle(peer: str) -> Any | None:
             """The member serving bolt ``peer`` now (control's route: a promoted standby after a
             failover), cached until a call to it fails."""
             if peer not in handles:
                 try:
-                    member = (ray.get(control.route.remote(peer), timeout=LIVENESS_POLL_S) or {}).get("primary", peer)
-                    handles[peer] = ray.get_actor(member, namespace=NAMESPACE)
+                    control = rt.actor("control")  # looked up here: control may be restarting
+                    member = (rt.call(control, "route", peer, timeout_s=LIVENESS_POLL_S) or {}).get("primary", peer)
+                    handles[peer] = rt.actor(member)
                 except Exception:
                     return None
             return handles[peer]
@@ -290,30 +357,30 @@ class Primary:
                     continue
                 h = handle(peer)
                 if h is not None and len(inflight) < 1000:
-                    inflight[h.roster_receive.remote(data)] = peer
+                    inflight[rt.submit(h, "roster_receive", data)] = peer
 
         while not stop.wait(ROSTER_TICK_S):
             try:
                 now = time.monotonic()
                 if now >= next_poll:
                     next_poll = now + LIVENESS_POLL_S
-                    pings = {h.bolt_ping.remote(): p for p in peers if (h := handle(p)) is not None}
-                    ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=LIVENESS_POLL_S) if pings else ([], [])
+                    pings = {rt.submit(h, "bolt_ping"): p for p in peers if (h := handle(p)) is not None}
+                    ready, _ = rt.wait(list(pings), timeout_s=LIVENESS_POLL_S)
                     alive = [core.name]
                     for ref in ready:
                         try:
-                            ray.get(ref)
+                            rt.result(ref)
                             alive.append(pings[ref])
                         except Exception:
                             handles.pop(pings[ref], None)
                     core.set_live(alive)
                 route(core.tick())
                 if inflight:
-                    done, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
+                    done, _ = rt.wait(list(inflight), timeout_s=0)
                     for ref in done:
                         peer = inflight.pop(ref)
                         try:
-                            route(list(ray.get(ref)))
+                            route(list(rt.result(ref)))
                         except Exception:
                             handles.pop(peer, None)  # lost: the roster resends or repairs
             except Exception:
@@ -330,8 +397,6 @@ class Primary:
         bolt = self.bolt
         if bolt is None:
             return []
-        from vigo.roster import RosterError
-
         try:
             return bolt.receive(data)
         except RosterError as exc:  # junk or an unknown version: drop it, keep serving
@@ -360,16 +425,16 @@ class Primary:
         return self._require_primary().adopt_fleet_material(material)
 
     @staticmethod
-    def _submit(handle: Any, work: Work, term: int) -> Any:
+    def _submit(rt: Runtime, handle: Any, work: Work, term: int) -> Any:
         if work.kind == "probe":
-            return handle.standby_position.remote()
+            return rt.submit(handle, "standby_position")
         if work.kind == "segments":
-            return handle.receive_segments.remote(work.segments, term)
+            return rt.submit(handle, "receive_segments", work.segments, term)
         snap = work.snapshot
         assert snap is not None
-        return handle.receive_snapshot_chunk.remote(
-            generation=snap.generation, index=snap.index, offset=work.offset, data=work.data, size=snap.size,
-            sha256=snap.sha256, term=term, created_at=snap.created_at)
+        return rt.submit(
+            handle, "receive_snapshot_chunk", generation=snap.generation, index=snap.index, offset=work.offset,
+            data=work.data, size=snap.size, sha256=snap.sha256, term=term, created_at=snap.created_at)
 
     # --- synchronous mode ------------------------------------------------------------------------
 
@@ -396,6 +461,7 @@ class Primary:
     DURABLE_TYPES = frozenset({"results", "join", "renew"})
 
     def handle_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        self._wait_started()
         with self._lock:
             partition = self._require_primary()
             answers = partition.handle_batch(items)
@@ -439,6 +505,7 @@ class Primary:
         """Admin answers travel as {"ok": result} or {"error": {...}}: a user mistake is data,
         not an exception that Ray would wrap in a traceback."""
         try:
+            self._wait_started()
             with self._lock:
                 partition = self._require_primary()
                 before = self._position()
@@ -474,7 +541,8 @@ class Primary:
         # Lock-free on purpose: `server promote` asks members where they are with a short
         # timeout, and a member busy applying a large message must still answer.
         info = self.member_info()
-        return {"partition": self.partition_name, **info}
+        return {"partition": self.partition_name, **info, "revision": self.revision,
+                **({"error": self.start_error} if self.start_error else {})}
 
     # --- the replication API (what the primary and `server promote` call) -------------------------
 
@@ -486,7 +554,9 @@ class Primary:
                     "position": list(pos) if pos else None,
                     "committed_at": self.replication.head_at if self.replication else None}
         core = self.standby
-        assert core is not None
+        if core is None:  # the start thread has not taken a role yet (or is between roles)
+            return {"name": self.name, "role": "starting", "term": 0, "pid": os.getpid(), "position": None,
+                    "committed_at": None}
         st = core.applier.state
         return {"name": self.name, "role": "standby", "term": core.term, "pid": os.getpid(),
                 "position": list(core.applier.position()) if st else None,

@@ -1,6 +1,6 @@
 """A spanner bolt's core: one partition plus the admissions roster it shares with its siblings.
 
-No Ray here. The bolt actor (vigo/actors/primary.py) owns one ``BoltCore`` next to its
+No Ray here. The bolt actor (vigo/actors/member.py) owns one ``BoltCore`` next to its
 ``Partition`` and moves roster messages between bolts; this class decides what they mean:
 
 - **Admissions go into the roster.** A join or a certificate renewal at this bolt admits the
@@ -23,10 +23,10 @@ import time
 from typing import Any
 
 from vigo.config import SpannerConfig
+from vigo.crypto.tls import cert_fingerprint
 from vigo.roster import Ownership, OwnershipConfig, Replica, Snapshot, State, SyncConfig
-from vigo.server.admissions import cert_fingerprint
 
-log = logging.getLogger("vigo.server.bolt")
+log = logging.getLogger("vigo.server.spanner.bolt")
 
 
 def bolt_name(host: str) -> str:

@@ -3,6 +3,9 @@
 The signing key is deliberately separate from any TLS key: whoever can terminate TLS for a
 gateway still cannot make policy that envoys accept. Files are PEM (PKCS#8 private key,
 SubjectPublicKeyInfo public key) so standard tools can inspect them.
+
+In the bottom layer because three sides read these files: the policy builder signs with them,
+the envoy trusts a public key, and the server signs the bundles it serves.
 """
 
 from __future__ import annotations
