@@ -22,7 +22,8 @@ from vigo.fields import field, section
 
 @dataclass
 class ListenConfig:
-    #: Address the gateway binds. 0.0.0.0 serves every interface; dev mode uses 127.0.0.1.
+    #: Address the gateway binds. 0.0.0.0 serves every interface; dev mode uses 127.0.0.1;
+    #: ``node-ip`` makes each gateway bind only its node's Ray address (``--node-ip-address``).
     host: str = "0.0.0.0"
     #: TCP port of the gateway (TLS). One gateway per node binds it.
     port: int = field(7700, min=1, max=65535)

@@ -133,7 +133,7 @@ class StackError(PolicyError):
         ]
         text = ": ".join([*where, message])
         if expected is not None:
-            text += f" (expected {expected}, got {_show(got)})"
+            text += f" (expected {expected}, got {clipped_repr(got)})"
         super().__init__(text)
 
 
@@ -440,7 +440,8 @@ def code_of(exc: BaseException) -> str:
     return "internal"
 
 
-def _show(value: object, limit: int = 80) -> str:
-    """A short, printable rendering of a value that arrived where something else was expected."""
+def clipped_repr(value: object, limit: int = 80) -> str:
+    """A short, printable rendering of a value that arrived where something else was expected
+    (its repr, cut to ``limit`` characters): for error messages all over vigo."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

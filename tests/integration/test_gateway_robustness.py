@@ -18,6 +18,7 @@ import pytest
 from tests.serverharness import ADMIN_TOKEN, running_gateway
 from vigo import protocol
 from vigo.errors import ServerError
+from vigo.protocol import frames
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +68,7 @@ def gw(tmp_path):
         (struct.pack(">I", 100 * 1024 * 1024) + b"x" * 10, "frame_too_large"),
         (struct.pack(">I", 4) + b"\xc1\xc1\xc1\xc1", "bad_msgpack"),
         (struct.pack(">I", 3) + msgpack.packb([1, 2]), "bad_envelope"),
-        (protocol._HEADER.pack(len(m := msgpack.packb({"v": 9, "t": "ping", "id": 1, "b": {}}))) + m, "unknown_version"),
+        (frames._HEADER.pack(len(m := msgpack.packb({"v": 9, "t": "ping", "id": 1, "b": {}}))) + m, "unknown_version"),
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "frame_too_large"),
     ],
 )
@@ -110,13 +111,13 @@ def test_client_that_leaves_mid_frame_is_counted_and_forgotten(gw):
 def test_unknown_type_closes_but_bad_body_keeps_the_connection(gw):
     async def scenario():
         reader, writer = await _open(gw)
-        writer.write(protocol._HEADER.pack(len(m := msgpack.packb({"v": 1, "t": "join", "id": 8, "b": {"token": 3}}))) + m)
+        writer.write(frames._HEADER.pack(len(m := msgpack.packb({"v": 1, "t": "join", "id": 8, "b": {"token": 3}}))) + m)
         await writer.drain()
         bad_body = await protocol.read_frame(reader)
         async with protocol.FrameConnection(reader, writer) as conn:
             pong = await conn.request("ping", {})
         unknown, closed = await _raw_exchange(
-            gw, protocol._HEADER.pack(len(m := msgpack.packb({"v": 1, "t": "teleport", "id": 7, "b": {}}))) + m)
+            gw, frames._HEADER.pack(len(m := msgpack.packb({"v": 1, "t": "teleport", "id": 7, "b": {}}))) + m)
         return bad_body, pong, unknown, closed
 
     bad_body, pong, unknown, closed = asyncio.run(scenario())

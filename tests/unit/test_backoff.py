@@ -1,14 +1,16 @@
-"""vigo.agent.backoff: full jitter, retry-after floors, pacing and splay, on a seeded RNG and a
-fake clock (nothing sleeps)."""
+"""vigo.retry (full jitter, retry-after floors) and vigo.agent.backoff (the envoy's pacing and
+splay), on a seeded RNG and a fake clock (nothing sleeps)."""
 
 from __future__ import annotations
 
+import logging
 import random
 import statistics
 
 import pytest
 
 from vigo.agent import backoff as bo
+from vigo.retry import Backoff, full_jitter
 from vigo.server.fleet import splay_for
 
 
@@ -24,30 +26,30 @@ def test_full_jitter_bounds_grow_then_stop_at_the_cap():
     rng = random.Random(7)
     for attempt in range(40):
         bound = min(60.0, 1.0 * 2**attempt)
-        samples = [bo.full_jitter(attempt, 1.0, 60.0, rng) for _ in range(200)]
+        samples = [full_jitter(attempt, 1.0, 60.0, rng) for _ in range(200)]
         assert all(0.0 <= s <= bound for s in samples)
         # full jitter: the samples cover the whole window, not just its top
         assert min(samples) < 0.1 * bound and max(samples) > 0.9 * bound
-    assert bo.full_jitter(10_000, 1.0, 60.0, rng) <= 60.0  # no overflow for huge attempts
+    assert full_jitter(10_000, 1.0, 60.0, rng) <= 60.0  # no overflow for huge attempts
 
 
 def test_full_jitter_is_uniform_over_the_window():
     rng = random.Random(11)
-    samples = [bo.full_jitter(20, 1.0, 300.0, rng) for _ in range(20_000)]
+    samples = [full_jitter(20, 1.0, 300.0, rng) for _ in range(20_000)]
     assert statistics.mean(samples) == pytest.approx(150.0, rel=0.03)
     deciles = [sum(1 for s in samples if k * 30 <= s < (k + 1) * 30) for k in range(10)]
     assert all(1800 <= n <= 2200 for n in deciles), deciles
 
 
 def test_same_seed_same_delays():
-    a = bo.Backoff(rng=random.Random(3), clock=FakeClock())
-    b = bo.Backoff(rng=random.Random(3), clock=FakeClock())
+    a = Backoff(bo.RECONNECT_BASE_S, bo.RECONNECT_CAP_S, rng=random.Random(3), clock=FakeClock())
+    b = Backoff(bo.RECONNECT_BASE_S, bo.RECONNECT_CAP_S, rng=random.Random(3), clock=FakeClock())
     assert [a.delay() for _ in range(12)] == [b.delay() for _ in range(12)]
 
 
 def test_backoff_counts_attempts_resets_and_tracks_when_the_next_try_is_due():
     clock = FakeClock()
-    b = bo.Backoff(1.0, 8.0, rng=random.Random(1), clock=clock)
+    b = Backoff(1.0, 8.0, rng=random.Random(1), clock=clock)
     delays = [b.delay() for _ in range(6)]
     assert b.attempt == 6
     for attempt, d in enumerate(delays):
@@ -63,7 +65,7 @@ def test_backoff_counts_attempts_resets_and_tracks_when_the_next_try_is_due():
 
 
 def test_retry_after_is_a_floor_never_a_ceiling():
-    b = bo.Backoff(1.0, 300.0, rng=random.Random(5), clock=FakeClock())
+    b = Backoff(1.0, 300.0, rng=random.Random(5), clock=FakeClock())
     for _ in range(50):
         assert b.delay(retry_after_s=7.5) >= 7.5
     # once the jitter window is far above the floor, the dice still decide (never clamped down)
@@ -72,13 +74,35 @@ def test_retry_after_is_a_floor_never_a_ceiling():
     assert all(d >= 0.5 for d in rng_delays) and max(rng_delays) > 100
 
 
+def test_backoff_without_jitter_doubles_from_base_to_cap_and_keeps_the_floor():
+    clock = FakeClock()
+    b = Backoff(1.0, 10.0, jitter=False, clock=clock)
+    assert [b.delay() for _ in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert b.remaining() == 10.0
+    assert b.delay(retry_after_s=30.0) == 30.0
+    b.reset()
+    assert b.remaining() == 0.0 and b.delay() == 1.0
+
+
+def test_retries_are_logged_loudly_only_at_the_first_tenth_and_every_fiftieth_failure():
+    b = Backoff(1.0, 2.0, rng=random.Random(1), clock=FakeClock())
+    loud = []
+    for _ in range(120):
+        b.delay()
+        if b.log_level() == logging.WARNING:
+            loud.append(b.attempt)
+        else:
+            assert b.log_level() == logging.DEBUG
+    assert loud == [1, 10, 50, 100]
+
+
 def test_backoff_rejects_nonsense_bounds():
     with pytest.raises(ValueError):
-        bo.Backoff(0.0, 1.0)
+        Backoff(0.0, 1.0)
     with pytest.raises(ValueError):
-        bo.Backoff(2.0, 1.0)
+        Backoff(2.0, 1.0)
     with pytest.raises(ValueError):
-        bo.full_jitter(-1, 1.0, 2.0, random.Random())
+        full_jitter(-1, 1.0, 2.0, random.Random())
 
 
 def test_splay_is_deterministic_spread_and_matches_the_server():
@@ -123,7 +147,7 @@ def test_a_fleet_reconnecting_with_full_jitter_spreads_out():
     rng = random.Random(99)
     times = []
     for _ in range(1000):
-        b = bo.Backoff(1.0, 60.0, rng=rng, clock=FakeClock(0.0))
+        b = Backoff(1.0, 60.0, rng=rng, clock=FakeClock(0.0))
         t = 0.0
         for _attempt in range(8):
             t += b.delay()

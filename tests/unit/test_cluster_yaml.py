@@ -261,8 +261,10 @@ def test_server_yaml_fits_cluster_yaml() -> None:
     head = _ray_start(_raw()["head_start_ray_commands"])
     gcs_path = next(w.split("=", 1)[1] for w in head.split() if w.startswith("RAY_gcs_storage_path="))
     data_dir, gcs = Path(cfg.data_dir), Path(gcs_path)
-    # Both live below the directory head_setup_commands creates, and neither inside the other.
-    assert any("/var/lib/vigo" in c for c in _raw()["head_setup_commands"])
+    # Both live below the directory setup_commands create on every host (a standby on a worker
+    # keeps its copy in the same data_dir), and neither inside the other.
+    assert any("/var/lib/vigo" in c for c in _raw()["setup_commands"])
+    assert "head_setup_commands" not in _raw()
     assert data_dir.parent == gcs.parent == Path("/var/lib/vigo")
     assert data_dir != gcs
     # gateway.max_connections sockets need more than the usual 1024 open files.

@@ -22,7 +22,8 @@ from vigo.roster import (
     joined,
     shard_of,
 )
-from vigo.roster.crdt import FORMAT_VERSION, HybridClock, dot_counter, dot_replica
+from vigo.roster.codec import FORMAT_VERSION
+from vigo.roster.crdt import HybridClock, dot_counter, dot_replica
 
 # Agents that share one shard, so joins see several agents in one state; plus one elsewhere.
 SHARD = shard_of("agent-0")

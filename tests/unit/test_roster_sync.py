@@ -29,8 +29,9 @@ from vigo.roster import (
     shard_of,
 )
 from vigo.roster.crdt import dot_counter, dot_replica
+from vigo.roster.messages import MESSAGE_VERSION
 from vigo.roster.sim import WALL_EPOCH_S, NetConfig, Simulation
-from vigo.roster.sync import MESSAGE_VERSION, Replica
+from vigo.roster.sync import Replica
 
 AGENTS = ["agent-0", "agent-764", "agent-869"]  # one shard, so contexts interact
 FPS = ["a" * 64, "b" * 64]

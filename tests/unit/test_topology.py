@@ -47,3 +47,4 @@ def test_spanner_bolts(tmp_path):
     topo = Topology(str(tmp_path))
     topo.register_spanner(["bolt-b", "bolt-a"], {"bolt-a": "a", "bolt-b": "b"}, {"suspicion_s": 1.0})
     assert Topology(str(tmp_path)).get_topology()["spanner"]["bolts"] == ["bolt-a", "bolt-b"]
+

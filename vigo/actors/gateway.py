@@ -31,7 +31,6 @@ import asyncio
 import ipaddress
 import logging
 import os
-import random
 import socket
 import time
 from typing import Any
@@ -41,6 +40,7 @@ from vigo.actors.runtime import RAY, Runtime
 from vigo.crypto.tls import cert_fingerprint
 from vigo.errors import ActorLostError, NotPrimaryError, UnavailableError
 from vigo.raytoken import load_token
+from vigo.retry import Backoff
 from vigo.server.gateway import GatewayServer
 from vigo.server.topology import gateway_revision
 
@@ -73,9 +73,10 @@ INIT_BIND_WAIT_S = 5.0
 NODE_IP = "node-ip"
 
 
-def _retry_wait(attempt: int) -> float:
-    """Full-jitter exponential wait before retry ``attempt`` (0 first), seconds."""
-    return random.uniform(0.0, min(CONNECT_RETRY_CAP_S, CONNECT_RETRY_BASE_S * 2 ** min(attempt, 20)))
+def _connect_backoff() -> Backoff:
+    """The connect task's retry waits. A cap below the base (tests lower it) bounds every
+    wait: the same as base = cap."""
+    return Backoff(min(CONNECT_RETRY_BASE_S, CONNECT_RETRY_CAP_S), CONNECT_RETRY_CAP_S)
 
 
 class RayBackend:
@@ -222,7 +223,7 @@ class Gateway:
 
     async def _connect(self) -> None:
         """Connect with retries until serving, then register with control (retried too)."""
-        attempt = 0
+        backoff = _connect_backoff()
         while True:
             try:
                 await self._connect_once()
@@ -234,11 +235,9 @@ class Gateway:
                 self.last_error = f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}"
                 if isinstance(exc, OSError) and self.server is None and self.material is not None:
                     self.bind_error_since = self.bind_error_since or time.time()
-                wait = _retry_wait(attempt)
-                attempt += 1
-                log.log(logging.WARNING if attempt in (1, 10) or attempt % 50 == 0 else logging.DEBUG,
-                        "gateway %s not serving yet (attempt %d: %s); retrying in %.1f s", self.name, attempt,
-                        self.last_error, wait)
+                wait = backoff.delay()
+                log.log(backoff.log_level(), "gateway %s not serving yet (attempt %d: %s); retrying in %.1f s",
+                        self.name, backoff.attempt, self.last_error, wait)
                 await asyncio.sleep(wait)
         self.state, self.serving_since = "serving", time.time()
         self.last_error = self.bind_error_since = None
@@ -247,7 +246,7 @@ class Gateway:
                  self.serving_since - self.created_at)
         self._metrics_task = asyncio.create_task(self._export_metrics())
         self._republish_task = asyncio.create_task(self._republish_if_late())
-        attempt = 0
+        backoff = _connect_backoff()
         while True:
             try:
                 await asyncio.wait_for(self.rt.acall(self._control(), "register_gateway", self.name, endpoint,
@@ -257,8 +256,7 @@ class Gateway:
                 raise
             except Exception as exc:
                 log.warning("gateway %s cannot register with control yet (%s)", self.name, type(exc).__name__)
-                await asyncio.sleep(_retry_wait(attempt))
-                attempt += 1
+                await asyncio.sleep(backoff.delay())
 
     async def _republish_if_late(self) -> None:
         """The constructor returned before this gateway served, so Ray published it as

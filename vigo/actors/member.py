@@ -32,7 +32,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 import shutil
 import threading
 import time
@@ -41,7 +40,9 @@ from typing import Any
 
 from vigo import config as config_mod
 from vigo.actors.runtime import RAY, Runtime
+from vigo.durable import replace_durably
 from vigo.errors import NotPrimaryError, ProtocolError, RosterError, VigoError
+from vigo.retry import Backoff
 from vigo.server.partition import Partition, error_of
 from vigo.server.peer.replication import ReplicationLog, Work
 from vigo.server.peer.standby import StandbyCore
@@ -84,11 +85,6 @@ def _serialised(method):
         with self._lock:
             return method(self, *args, **kwargs)
     return wrapper
-
-
-def _retry_wait(attempt: int) -> float:
-    """Full-jitter exponential wait before retry ``attempt`` (0 first), seconds."""
-    return random.uniform(0.0, min(START_RETRY_CAP_S, START_RETRY_BASE_S * 2 ** min(attempt, 20)))
 
 
 class Member:
@@ -148,7 +144,8 @@ class Member:
     def _start(self) -> None:
         """The start thread: learn the role from control (retrying until it answers), then
         open the database in it (retrying a failure, which ``ping`` reports meanwhile)."""
-        attempt = 0
+        # A cap below the base (tests lower it) bounds every wait: the same as base = cap.
+        backoff = Backoff(min(START_RETRY_BASE_S, START_RETRY_CAP_S), START_RETRY_CAP_S)
         while not self._stop.is_set():
             try:
                 route = self._route()
@@ -160,11 +157,9 @@ class Member:
             except Exception as exc:
                 lines = str(exc).strip().splitlines()
                 self.start_error = f"{type(exc).__name__}: {lines[-1][:200] if lines else ''}"
-                wait = _retry_wait(attempt)
-                attempt += 1
-                log.log(logging.WARNING if attempt in (1, 10) or attempt % 50 == 0 else logging.DEBUG,
-                        "%s: not started yet (attempt %d: %s); retrying in %.1f s", self.name, attempt,
-                        self.start_error, wait)
+                wait = backoff.delay()
+                log.log(backoff.log_level(), "%s: not started yet (attempt %d: %s); retrying in %.1f s",
+                        self.name, backoff.attempt, self.start_error, wait)
                 self._stop.wait(wait)
 
     def _take_role(self, route: dict[str, Any] | None) -> None:
@@ -250,7 +245,7 @@ class Member:
             # A former primary: whatever it wrote after the fork is not in the new primary's
             # history. Kept aside for the operator, never served.
             aside = data_dir / f"state.db.fenced-{int(time.time())}"
-            os.replace(data_dir / "state.db", aside)
+            replace_durably(data_dir / "state.db", aside)
             for suffix in ("-wal", "-shm"):
                 Path(f"{data_dir / 'state.db'}{suffix}").unlink(missing_ok=True)
             log.warning("%s: its database (possibly with writes after the fork) is set aside as %s; "
@@ -268,17 +263,32 @@ class Member:
 
     def _upkeep(self) -> None:
         while not self._stop.wait(UPKEEP_INTERVAL_S):
+            self._upkeep_round()
+
+    def _upkeep_round(self) -> None:
+        """One upkeep round. Every step is guarded on its own: one that fails is logged (which
+        step, the error) and the others still run, so a failing checkpoint cannot hold back the
+        scheduled snapshot, the roster's save, the standbys' snapshot or the metrics."""
+        with self._lock:
+            partition, bolt, rlog = self.partition, self.bolt, self.replication
+            if partition is not None:
+                steps = partition.upkeep_steps()
+                if bolt is not None:
+                    steps.append(("roster save", bolt.save))
+                if rlog is not None:
+                    def standby_snapshot() -> None:
+                        if rlog.snapshot_wanted:
+                            partition.store.stream.snapshot()
+                    steps.append(("snapshot for the standbys", standby_snapshot))
+                self._run_guarded(steps)
+        self._run_guarded([("metrics export", self._export_lag)])
+
+    def _run_guarded(self, steps: list[tuple[str, Any]]) -> None:
+        for what, step in steps:
             try:
-                with self._lock:
-                    if self.partition is not None:
-                        self.partition.tick()
-                        if self.bolt is not None:
-                            self.bolt.save()
-                        if self.replication is not None and self.replication.snapshot_wanted:
-                            self.partition.store.stream.snapshot()
-                self._export_lag()
-            except Exception:  # one failed upkeep round must not end the thread
-                log.exception("%s upkeep failed", self.name)
+                step()
+            except Exception as exc:  # one failed step must skip neither the others nor the next round
+                log.exception("%s upkeep: %s failed: %s: %s", self.name, what, type(exc).__name__, exc)
 
     def _send_loop(self, rlog: ReplicationLog, stop: threading.Event) -> None:
         """Feed every standby: at most one message in flight each, replies to the log."""

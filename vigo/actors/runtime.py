@@ -122,6 +122,25 @@ def _lost(exc: Exception, what: str) -> ActorLostError:
     return ActorLostError(f"{what}: the actor died or cannot be reached now ({type(exc).__name__}{detail})")
 
 
+def route_ray_prints_to_stderr() -> None:
+    """Send the cluster events Ray's driver prints (``(raylet) The node with node id ... has
+    been marked dead``) to stderr. Ray prints them to stdout from a background thread
+    (ray/_private/worker.py: listen_error_messages -> print_to_stdstream, looked up by name at
+    each call), and a process that connects here answers on stdout: `vigocli ... --json` is
+    read by scripts, and one such line in it breaks them. Idempotent."""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "_vigo_stderr", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr._vigo_stderr = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
+
+
 class RayRuntime:
     """``Runtime`` on Ray. One instance (``RAY``) serves a whole process."""
 
@@ -142,6 +161,7 @@ class RayRuntime:
             ray.init(address=address, namespace=NAMESPACE, logging_level="ERROR", log_to_driver=False)
         except (ConnectionError, RuntimeError) as exc:
             raise UnavailableError("unavailable", f"cannot connect to the Ray cluster at {address}: {exc}") from exc
+        route_ray_prints_to_stderr()
 
     def disconnect(self) -> None:
         import ray

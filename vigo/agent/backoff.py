@@ -1,15 +1,14 @@
-"""When the envoy tries the network again: reconnect backoff, flush pacing, per-host splay.
+"""When the envoy tries the network again: its reconnect and flush-retry bounds, flush pacing,
+per-host splay, the run schedule.
 
-Everything here is arithmetic on numbers given to it: the random source and the clock are
-parameters (``random.Random`` and a ``() -> float`` monotonic clock), so tests drive it with a
-seeded RNG and a fake clock, and nothing here sleeps.
+The backoff itself (exponential, full jitter, a server's ``retry_after_s`` as a floor) is
+``vigo.retry.Backoff``, shared with the server side; this module holds the envoy's numbers and
+rules. Everything here is arithmetic on numbers given to it: the random source is a parameter
+(``random.Random``), so tests drive it with a seeded RNG, and nothing here sleeps.
 
-Reconnect: exponential backoff with *full jitter*. Attempt ``n`` (0 for the first failure)
-waits ``uniform(0, min(cap, base * 2**n))`` seconds. Full jitter (rather than "exponential plus
-a little noise") is what spreads a fleet that lost its server at the same instant: after a few
-attempts the envoys' retries are uniformly spread over the whole window instead of arriving in
-synchronised waves. A server's ``retry_after_s`` is a floor: an envoy never retries sooner than
-the server asked, whatever the dice said.
+Reconnect: ``Backoff(RECONNECT_BASE_S, RECONNECT_CAP_S)`` (envoy.yaml may set both). Full jitter
+is what spreads a fleet that lost its server at the same instant; an envoy never retries sooner
+than the server asked.
 
 Flush pacing (the rule, also in docs/envoy.md):
 
@@ -33,8 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
-from collections.abc import Callable
 
 #: First reconnect wait bound, seconds (attempt 0 waits uniform(0, 1 s)).
 RECONNECT_BASE_S = 1.0
@@ -56,60 +53,6 @@ FLUSH_PACE_FACTOR = 1.0
 #: Bounds of the pause between two batches, seconds.
 FLUSH_PAUSE_MIN_S = 0.0
 FLUSH_PAUSE_MAX_S = 5.0
-
-Clock = Callable[[], float]
-
-
-def full_jitter(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """``uniform(0, min(cap_s, base_s * 2**attempt))`` seconds; attempt 0 is the first retry."""
-    if attempt < 0:
-        raise ValueError(f"attempt must be >= 0, got {attempt}")
-    bound = min(cap_s, base_s * 2 ** min(attempt, 62))  # 2**62 * base is past any cap
-    return rng.uniform(0.0, max(0.0, bound))
-
-
-class Backoff:
-    """Exponential backoff with full jitter and a server-given floor.
-
-    ``delay()`` after each failure returns how long to wait and remembers when the next try is
-    due (``not_before``); ``reset()`` after a success. ``attempt`` counts failures since the
-    last success.
-    """
-
-    def __init__(
-        self,
-        base_s: float = RECONNECT_BASE_S,
-        cap_s: float = RECONNECT_CAP_S,
-        *,
-        rng: random.Random | None = None,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        if base_s <= 0 or cap_s < base_s:
-            raise ValueError(f"backoff needs 0 < base_s <= cap_s, got base {base_s}, cap {cap_s}")
-        self.base_s = base_s
-        self.cap_s = cap_s
-        self.rng = rng or random.Random()
-        self.clock = clock
-        self.attempt = 0
-        self.not_before = clock()
-
-    def delay(self, retry_after_s: float | None = None) -> float:
-        """The wait before the next try, seconds: full jitter for this attempt, never below
-        ``retry_after_s`` when the server gave one. Counts the attempt."""
-        wait = full_jitter(self.attempt, self.base_s, self.cap_s, self.rng)
-        if retry_after_s is not None and retry_after_s > wait:
-            wait = float(retry_after_s)
-        self.attempt += 1
-        self.not_before = self.clock() + wait
-        return wait
-
-    def remaining(self) -> float:
-        """Seconds until the next try is due (0 when it is due now)."""
-        return max(0.0, self.not_before - self.clock())
-
-    def reset(self) -> None:
-        self.attempt = 0
-        self.not_before = self.clock()
 
 
 def splay(key: str, splay_s: float) -> float:

@@ -43,6 +43,7 @@ from vigo.errors import (
     SecretError,
 )
 from vigo.policy.bundle import Bundle, verify_parts
+from vigo.timefmt import iso
 
 log = logging.getLogger("vigo.agent.cache")
 
@@ -440,7 +441,7 @@ class Cache:
             log.warning(
                 "results queue over %d bytes: folded %d oldest reports into summary %s (%d runs, %s .. %s)",
                 self.queue_max_bytes, folded, summary["run_id"], summary["count"],
-                _iso(summary["first_started_at"]), _iso(summary["last_started_at"]),
+                iso(summary["first_started_at"]), iso(summary["last_started_at"]),
             )
         return used
 
@@ -659,12 +660,6 @@ def _merge_summaries(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         merged["counts"][status] = merged["counts"].get(status, 0) + n
     merged["bundle_versions"] = list(dict.fromkeys([*a["bundle_versions"], *b["bundle_versions"]]))
     return merged
-
-
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def state_dir_default() -> Path:

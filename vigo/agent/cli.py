@@ -21,6 +21,7 @@ from typing import Any
 
 import vigo
 from vigo.errors import TransportError, VigoError
+from vigo.timefmt import stamp
 
 EXIT_OK = 0
 EXIT_NO_RUN = 1
@@ -351,29 +352,25 @@ def _certificate_text(info: dict[str, Any]) -> str:
     servers = " ".join(f"--server {s}" for s in info.get("servers") or []) or "--server HOST:PORT"
     rejoin = f"re-join with `vigo-envoy join {servers} --token TOKEN` (a new token)"
     if cert["expired"]:
-        return f"expired at {_stamp(cert['not_after'])}: {rejoin}"
+        return f"expired at {stamp(cert['not_after'])}: {rejoin}"
     text = f"valid until {_until(cert['not_after'])}, serial {cert['serial']}"
     refused = cert.get("refused")
     if refused:
         return (f"{text}, but refused as expired by {refused.get('server')} {_ago(refused.get('at'))} "
                 f"(check this host's and the gateway's clocks, or {rejoin})")
     renew = cert["renew_after"]
-    return text + (", renewal due" if renew <= time.time() else f", renewal from {_stamp(renew)}")
-
-
-def _stamp(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    return text + (", renewal due" if renew <= time.time() else f", renewal from {stamp(renew)}")
 
 
 def _until(ts: float) -> str:
     delta = ts - time.time()
     if delta < 0:
-        return _stamp(ts)
+        return stamp(ts)
     if delta < 7200:
-        return f"{_stamp(ts)} (in {delta / 60:.0f} min)"
+        return f"{stamp(ts)} (in {delta / 60:.0f} min)"
     if delta < 2 * 86400:
-        return f"{_stamp(ts)} (in {delta / 3600:.1f} h)"
-    return f"{_stamp(ts)} (in {delta / 86400:.1f} days)"
+        return f"{stamp(ts)} (in {delta / 3600:.1f} h)"
+    return f"{stamp(ts)} (in {delta / 86400:.1f} days)"
 
 
 def _daemon_text(info: dict[str, Any]) -> str:
@@ -407,12 +404,12 @@ def _ago(ts: float | None) -> str:
     if not ts:
         return "-"
     delta = max(0.0, time.time() - ts)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    text = stamp(ts)
     if delta < 120:
-        return f"{stamp} ({delta:.0f} s ago)"
+        return f"{text} ({delta:.0f} s ago)"
     if delta < 7200:
-        return f"{stamp} ({delta / 60:.0f} min ago)"
-    return f"{stamp} ({delta / 3600:.1f} h ago)"
+        return f"{text} ({delta / 60:.0f} min ago)"
+    return f"{text} ({delta / 3600:.1f} h ago)"
 
 
 _COMMANDS = {

@@ -57,6 +57,7 @@ from vigo.errors import (
     ProtocolError,
     ServerError,
 )
+from vigo.retry import Backoff
 
 log = logging.getLogger("vigo.agent.daemon")
 
@@ -176,7 +177,7 @@ class Daemon:
                 os.close(self._lock_fd)
 
     async def _open_cache(self) -> None:
-        pause = bo.Backoff(1.0, 60.0, rng=self.rng)
+        pause = Backoff(1.0, 60.0, rng=self.rng)
         while not self.stopping.is_set():
             try:
                 await self.cache.open()

@@ -41,7 +41,9 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from vigo.durable import atomic_write, fsync_path, replace_durably
 from vigo.errors import AdmissionError
+from vigo.timefmt import iso
 
 KEY_FILE = "envoy.key"
 CERT_FILE = "envoy.pem"
@@ -156,7 +158,6 @@ def install(state_dir: Path, key_pem: bytes, cert_pem: bytes, *, ca_pem: bytes |
             _write_atomic(state_dir / CA_FILE, ca, 0o644)
         _write_atomic(state_dir / NEXT_KEY_FILE, identity.key_pem, 0o600)
         _write_atomic(state_dir / NEXT_CERT_FILE, identity.cert_pem, 0o644)
-        _fsync_dir(state_dir)
         _commit(state_dir, with_key=True)
         return identity
 
@@ -178,15 +179,15 @@ def settle(state_dir: Path) -> None:
     else:  # a certificate for no key this host has: never usable
         next_cert.unlink(missing_ok=True)
         next_key.unlink(missing_ok=True)
-        _fsync_dir(state_dir)
+        fsync_path(state_dir)
 
 
 def _commit(state_dir: Path, *, with_key: bool) -> None:
-    """Step 2: the key first, then the certificate (``load`` relies on that order)."""
+    """Step 2: the key first, then the certificate (``load`` relies on that order), each
+    rename durable before the next."""
     if with_key:
-        os.replace(state_dir / NEXT_KEY_FILE, state_dir / KEY_FILE)
-    os.replace(state_dir / NEXT_CERT_FILE, state_dir / CERT_FILE)
-    _fsync_dir(state_dir)
+        replace_durably(state_dir / NEXT_KEY_FILE, state_dir / KEY_FILE)
+    replace_durably(state_dir / NEXT_CERT_FILE, state_dir / CERT_FILE)
 
 
 def pair(key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> Identity:
@@ -209,7 +210,7 @@ def check_issued(identity: Identity, ca_pem: bytes, envoy_id: str, *, now: float
     if identity.subject != envoy_id:
         raise AdmissionError(f"the renewed certificate names envoy {identity.subject!r}, not {envoy_id!r}")
     if identity.expired(now):
-        raise AdmissionError(f"the renewed certificate is already expired (at {_iso(identity.not_after)})")
+        raise AdmissionError(f"the renewed certificate is already expired (at {iso(identity.not_after)})")
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -263,28 +264,6 @@ def _writer_lock(state_dir: Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Written to a temp file created with ``mode`` from its first byte, fsynced, renamed over."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames in ``path`` durable (a rename is a change to the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    """Written to a temp file created with ``mode`` from its first byte, fsynced, renamed over,
+    the directory fsynced; the temp name is one ``settle`` sweeps after a crash."""
+    atomic_write(path, data, mode=mode, tmp=path.with_name(f".{path.name}.{os.getpid()}.tmp"))

@@ -36,9 +36,10 @@ from cryptography.hazmat.primitives import hashes
 
 from vigo.agent import identity, runner, traits
 from vigo.agent.enrolment import make_envoy_key_and_csr
-from vigo.agent.session import iso
-from vigo.agent.transport import EnvoyClient, anonymous_context, parse_server
+from vigo.agent.transport import EnvoyClient, parse_server
+from vigo.crypto.tls import unverified_client_context
 from vigo.errors import AdmissionError, ConfigError, ProtocolError, ServerError, TransportError
+from vigo.timefmt import iso
 
 log = logging.getLogger("vigo.agent.join")
 
@@ -135,7 +136,8 @@ async def join_fleet(
     hostname = str(host_traits.get("hostname") or socket.gethostname())
     key_pem, csr_pem = make_envoy_key_and_csr(hostname)
     with runner.run_lock(state_dir):
-        async with await EnvoyClient.connect(servers, anonymous_context()) as client:
+        # Encrypted, not yet authenticated: the envoy does not know the CA yet (checked after join_ok).
+        async with await EnvoyClient.connect(servers, unverified_client_context()) as client:
             try:
                 answer = await client.join(token, csr_pem, hostname, host_traits)
             except ServerError as exc:

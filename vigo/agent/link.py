@@ -51,6 +51,7 @@ from vigo.errors import (
     ServerError,
     UnavailableError,
 )
+from vigo.retry import Backoff
 
 # The daemon's lines, under the name operators know from its journal, whichever module writes them.
 log = logging.getLogger("vigo.agent.daemon")
@@ -99,7 +100,7 @@ class Link:
         self.rng = rng or random.Random()
         self.on_wake = on_wake
         self.persist = persist
-        self.backoff = bo.Backoff(config.reconnect_base_s, config.reconnect_cap_s, rng=self.rng)
+        self.backoff = Backoff(config.reconnect_base_s, config.reconnect_cap_s, rng=self.rng)
         self.client: EnvoyClient | None = None
         self.state = LinkState(since=time.time())
         self.counters = LinkCounters()
@@ -112,7 +113,7 @@ class Link:
         self._splay_next_flush = False
         self._next = 0  # index of the gateway to try first (the last one that worked)
         self._last_problem: str | None = None
-        self._flush_retry = bo.Backoff(FLUSH_ERROR_BASE_S, FLUSH_ERROR_CAP_S, rng=self.rng)
+        self._flush_retry = Backoff(FLUSH_ERROR_BASE_S, FLUSH_ERROR_CAP_S, rng=self.rng)
         self._retry_handle: asyncio.TimerHandle | None = None
         self._renewal: asyncio.Task[float | None] | None = None
         #: Certificate renewals that installed a new pair (tests, benchmarks).
@@ -158,7 +159,7 @@ class Link:
     def reconfigure(self, config: EnvoyConfig) -> None:
         """Take a new local config: new backoff bounds; a changed server list reconnects."""
         old, self.config = self.config, config
-        self.backoff = bo.Backoff(config.reconnect_base_s, config.reconnect_cap_s, rng=self.rng)
+        self.backoff = Backoff(config.reconnect_base_s, config.reconnect_cap_s, rng=self.rng)
         if old.servers != config.servers:
             self._next = 0
             if self.client is not None:

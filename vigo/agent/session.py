@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from vigo.agent import identity, runner
-from vigo.agent.backoff import FLUSH_RETRY_BASE_S, FLUSH_RETRY_CAP_S, Backoff, flush_pause
+from vigo.agent.backoff import FLUSH_RETRY_BASE_S, FLUSH_RETRY_CAP_S, flush_pause
 from vigo.agent.cache import Cache
 from vigo.agent.enrolment import tls_client_context
 from vigo.agent.transport import EnvoyClient
@@ -64,6 +64,8 @@ from vigo.errors import (
     UnavailableError,
 )
 from vigo.policy import bundle as bundle_mod
+from vigo.retry import Backoff
+from vigo.timefmt import iso
 
 log = logging.getLogger("vigo.agent.session")
 
@@ -127,7 +129,7 @@ def lapsed_text(state_dir: Path, servers: list[str], not_after: float, refused: 
 def revoked_text(envoy_id: str, record: dict[str, Any]) -> str:
     return (
         f"this envoy ({envoy_id}) was revoked by the fleet (server {record.get('server')} at "
-        f"{iso(record.get('at'))}: {record.get('reason')}); nothing was converged and the cached bundle "
+        f"{iso(record.get('at') or None)}: {record.get('reason')}); nothing was converged and the cached bundle "
         "is no longer enforced. Run `vigo-envoy join` with a new token to be managed again"
     )
 
@@ -434,10 +436,3 @@ async def nap(seconds: float, stop: asyncio.Event | None) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await stop.wait()
-
-
-def iso(ts: float | None) -> str:
-    """A Unix time as the UTC ISO text the envoy's messages use ("-" for none)."""
-    if not ts:
-        return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

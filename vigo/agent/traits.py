@@ -43,7 +43,7 @@ from typing import Any
 
 import vigo
 from vigo import hostaddr
-from vigo.errors import TraitError
+from vigo.errors import TraitError, clipped_repr
 
 __all__ = ["TRAITS_DIR_DEFAULT", "collect", "traits_digest"]
 
@@ -476,7 +476,7 @@ def _parse_script_output(returncode: int, out: Any, err: Any) -> dict[str, Any] 
             f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
         )
         message = f"expected exit status 0, got {status}"
-        return TraitError(f"{message}; stderr: {_short(tail)}" if tail else message)
+        return TraitError(f"{message}; stderr: {clipped_repr(tail)}" if tail else message)
 
     out.seek(0)
     data = out.read(MAX_SOURCE_BYTES + 1)
@@ -487,7 +487,7 @@ def _parse_script_output(returncode: int, out: Any, err: Any) -> dict[str, Any] 
         value = json.loads(text)
     except ValueError as exc:
         return TraitError(
-            f"expected a JSON object on stdout, got non-JSON output {_short(text)} ({exc})"
+            f"expected a JSON object on stdout, got non-JSON output {clipped_repr(text)} ({exc})"
         )
     if not isinstance(value, dict):
         return TraitError(f"expected a JSON object on stdout, got {_describe(value)}")
@@ -526,10 +526,4 @@ def _describe(value: object) -> str:
     kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
     if value is None:
         return "null"
-    return f"{kinds.get(type(value), type(value).__name__)} {_short(value)}"
-
-
-def _short(value: object, limit: int = 80) -> str:
-    """``repr(value)``, clipped so one bad source cannot flood the log or the report."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{kinds.get(type(value), type(value).__name__)} {clipped_repr(value)}"

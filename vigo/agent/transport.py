@@ -1,8 +1,6 @@
 """The envoy's connection to one gateway: address, TLS, frames, timeouts.
 
     parse_server       ``HOST:PORT`` / ``[v6]:PORT``, checked before anything dials.
-    anonymous_context  the TLS context for ``join`` only (the envoy does not know the CA yet;
-                       ``vigo.agent.join`` checks the gateway's certificate after the answer).
     EnvoyClient        one connection: TLS (the caller's context: mutual TLS pinned to the fleet
                        CA once joined), then frames (``protocol.FrameConnection``). Every way the
                        network can fail becomes ``UnavailableError`` (a ``TransportError``); an
@@ -59,15 +57,6 @@ def parse_server(address: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ConfigError(f"server port must be 1..65535, got {port} in {address!r}")
     return host, port
-
-
-def anonymous_context() -> ssl.SSLContext:
-    """For ``join`` only: encrypted, not yet authenticated (checked after join_ok instead)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def _expired_alert(exc: BaseException | None) -> bool:

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import re
-import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vigo import protocol
-from vigo.crypto.tls import cert_fingerprint
+from vigo.crypto.tls import cert_fingerprint, unverified_client_context
 from vigo.errors import AdminAuthError, ConfigError, ConnectError, ServerError, UnavailableError
 from vigo.raytoken import load_token, token_path
 
@@ -93,20 +92,10 @@ def find_gateways(address: str, token: str) -> list[GatewayEndpoint]:
     return sorted(found, key=lambda g: g.name)
 
 
-def _pinned_context() -> ssl.SSLContext:
-    # The chain is not checked against a CA store: the certificate itself is compared with the
-    # digest the (token-authenticated) dashboard reported, which is a stronger statement.
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 async def _admin_call(gw: GatewayEndpoint, token: str, op: str, args: dict[str, Any]) -> Any:
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(gw.host, gw.port, ssl=_pinned_context()), CONNECT_TIMEOUT_S)
+            asyncio.open_connection(gw.host, gw.port, ssl=unverified_client_context()), CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
         raise ConnectError("unavailable", f"cannot connect to gateway {gw.name} at {gw.host}:{gw.port}: {exc}") from exc
     der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)

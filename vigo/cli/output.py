@@ -8,6 +8,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from vigo.timefmt import stamp
+
 
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=_default) + "\n")
@@ -45,7 +47,7 @@ def ago(ts: float | None, now: float | None = None) -> str:
 def when(ts: float | None) -> str:
     if not ts:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    return stamp(ts)
 
 
 def kv(rows: Sequence[tuple[str, Any]]) -> str:

@@ -11,6 +11,7 @@ import typer
 
 from vigo.cli import client, output
 from vigo.cli.options import Address, JsonFlag
+from vigo.durable import OPEN_MODE, atomic_write
 from vigo.errors import ConfigError, StackError
 
 app = typer.Typer(
@@ -78,10 +79,8 @@ def build(
     chosen = serial if serial is not None else max(int(time.time()), _previous_serial(out, key) + 1)
     built = bundle_mod.build(stack, signing_key=key, serial=chosen, secrets=secrets)
     data = built.encode()
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        tmp.write_bytes(data)
-        tmp.replace(out)
+        atomic_write(out, data, mode=OPEN_MODE, tmp=out.with_name(f".{out.name}.tmp"))
     except OSError as exc:
         raise ConfigError(f"cannot write bundle {out}: {exc.strerror or exc}") from exc
     info = {**built.summary(), "out": str(out), "bytes": len(data), "key_id": built.key_id,

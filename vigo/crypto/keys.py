@@ -18,6 +18,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from vigo.durable import atomic_write
 from vigo.errors import SigningKeyError
 
 
@@ -41,14 +42,7 @@ def generate_keypair(out: Path, *, force: bool = False) -> tuple[Path, Path]:
 
 def _write_private(path: Path, data: bytes) -> None:
     # Created 0600 from the first byte; never world-readable, not even for an instant.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o600, tmp=path.with_name(f".{path.name}.tmp{os.getpid()}"))
 
 
 def public_pem(key: Ed25519PublicKey) -> bytes:

@@ -4,6 +4,8 @@ one way a certificate is fingerprinted.
 The envoy dials out with a client context built from these (``vigo.agent.enrolment``); the
 gateway listens with a server context built from the same (``vigo.server.admissions``); vigocli
 and the spanner roster name a gateway's or an envoy's certificate by :func:`cert_fingerprint`.
+Both the envoy's join and vigocli check a gateway's certificate themselves, after the handshake
+(:func:`unverified_client_context`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,18 @@ import ssl
 import tempfile
 
 from vigo.errors import AdmissionError
+
+
+def unverified_client_context() -> ssl.SSLContext:
+    """A TLS 1.2+ client context that checks neither the chain nor the name, for callers that
+    check the certificate themselves: an envoy's ``join`` (it does not know the CA yet; the
+    answer is checked), vigocli (it compares the certificate with the digest the
+    token-authenticated dashboard reported, a stronger statement than a CA store's)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def load_cert_chain_pem(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:

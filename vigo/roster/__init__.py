@@ -3,30 +3,34 @@
 Plain Python, no Ray: the bolt actor wraps a ``Replica`` (roster + replication engine) and an
 ``Ownership`` (which envoys it serves) and moves their messages. Design: docs/spanner.md.
 
-    crdt.py       dots, causal contexts, shard states, the remove-wins roster, encoding
-    sync.py       delta log, push/ack, digest anti-entropy, initial pull, stats
+    crdt.py       dots, causal contexts, tokens, shard states and their join, the HLC, sharding
+    codec.py      canonical bytes of a shard state, and the checking decoder
+    roster.py     one replica's 256 shards: mutators, status, cached digests, dump/load
+    messages.py   the five sync messages (push, ack, digest, repair, supply) as bytes
+    peers.py      what a replica knows of each peer: acks, in-flight pushes, gaps, repairs
+    sync.py       the Replica engine: delta log, push/ack, digest anti-entropy, initial pull, stats
     ownership.py  rendezvous hashing of envoys over live bolts, damped liveness
     sim.py        a seeded virtual-time network of replicas (tests, benchmarks)
 """
 
+from vigo.roster.codec import decode, encode
 from vigo.roster.crdt import (
     SHARDS,
     Admit,
     CausalContext,
     ReplicaId,
     Revoke,
-    Roster,
     ShardState,
     State,
     Status,
     TokenView,
-    decode,
-    encode,
     joined,
     shard_of,
 )
+from vigo.roster.messages import Message, decode_message
 from vigo.roster.ownership import Ownership, OwnershipConfig, rank, weight
-from vigo.roster.sync import Message, Outbound, Replica, Snapshot, SyncConfig, Write, decode_message
+from vigo.roster.roster import Roster
+from vigo.roster.sync import Outbound, Replica, Snapshot, SyncConfig, Write
 
 __all__ = [
     "SHARDS",

@@ -28,28 +28,27 @@ tuples. On the wire dots are ``(index into the message's replica table, counter)
 Join (per agent, all against the *other* side's context, before the contexts merge):
 keep a dot both sides hold; drop a one-sided dot the other context already contains (it was
 seen there and removed); import a one-sided dot the local context lacks; merge contexts.
+
+This module is the data type and its join. Its canonical bytes are ``vigo.roster.codec``, and a
+replica's 256 shards with the mutators, digests and persistence are ``vigo.roster.roster``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-import msgpack
-
-from vigo.errors import RosterError, RosterFormatError, RosterRefusedError
+from vigo.errors import RosterError, RosterFormatError
 
 __all__ = [
     "DIGEST_BYTES",
-    "FORMAT_VERSION",
     "HLC_MAX_OFFSET_S",
     "SHARDS",
     "SHARD_HASH_KEY",
@@ -58,13 +57,10 @@ __all__ = [
     "HybridClock",
     "ReplicaId",
     "Revoke",
-    "Roster",
     "ShardState",
     "State",
     "Status",
     "TokenView",
-    "decode",
-    "encode",
     "joined",
     "shard_of",
 ]
@@ -81,8 +77,6 @@ SHARDS = 256
 #: big-endian, modulo SHARDS. Fixed and part of the format: a decoder refuses an agent that
 #: arrives in a shard it does not hash to.
 SHARD_HASH_KEY = b"vigo.roster.shard.v1"
-#: First byte of every encoded shard state. Bumped only for changes old peers cannot read.
-FORMAT_VERSION = 1
 #: Bytes of a shard digest (truncated SHA-256 of the canonical encoding). 128 bits make an
 #: accidental match of two different shard states negligible; 256 digests fit in 4 KiB.
 DIGEST_BYTES = 16
@@ -107,8 +101,6 @@ MAX_WIRE_INT = 2**63 - 1
 
 _REPLICA_MASK = (1 << REPLICA_BITS) - 1
 _LOGICAL_MASK = (1 << HLC_LOGICAL_BITS) - 1
-_TAG_ADMIT = 0
-_TAG_REVOKE = 1
 
 
 # --- Replica ids and their intern table ----------------------------------------------------------
@@ -310,6 +302,16 @@ def _entry(tokens: list[Token]) -> Any:
 
 def _token_dot(token: Token) -> int:
     return token.dot
+
+
+_SHA256_BYTES = 32
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _pack_fingerprint(fingerprint: str) -> str | bytes:
+    """vigo's fingerprints (SHA-256 as 64 lowercase hex digits) as their 32 bytes; other text
+    unchanged. Always applied, so one fingerprint has one representation (canonical bytes)."""
+    return bytes.fromhex(fingerprint) if _SHA256_HEX.fullmatch(fingerprint) else fingerprint
 
 
 # --- Status ------------------------------------------------------------------------------------------
@@ -535,444 +537,6 @@ def shard_of(agent_id: str) -> int:
     return int.from_bytes(digest, "big") % SHARDS
 
 
-# --- The roster -----------------------------------------------------------------------------------
-
-
-class Roster:
-    """One replica's roster: 256 shard states, the mutators, status, digests and persistence.
-
-    Not thread-safe: one bolt owns it and calls it from one thread (Ray actors run one method
-    at a time by default). Mutators apply locally and return the delta to replicate."""
-
-    def __init__(
-        self,
-        replica: ReplicaId,
-        *,
-        wall: Callable[[], float] = time.time,
-        hlc_max_offset_s: float = HLC_MAX_OFFSET_S,
-    ) -> None:
-        self.replica = replica
-        self._index = _intern(replica)
-        self.shards = [ShardState(i) for i in range(SHARDS)]
-        self.clock = HybridClock(wall, hlc_max_offset_s)
-        # Canonical encoding and digest per shard, recomputed only after the shard changed:
-        # anti-entropy asks for all 256 digests every few seconds.
-        self._encoded: list[bytes | None] = [None] * SHARDS
-        self._digests: list[bytes | None] = [None] * SHARDS
-        # Shards changed since the owner last took them (for incremental persistence).
-        self._unsaved: set[int] = set()
-
-    # -- mutators: apply locally, return the delta --------------------------------------------
-
-    def admit(self, agent_id: str, fingerprint: str, *, not_after: int = 0, method: str = "token") -> ShardState:
-        """Admit ``agent_id`` with a certificate ``fingerprint``; supersedes every token seen here."""
-        _check_agent(agent_id)
-        _check_text("fingerprint", fingerprint, MAX_TEXT_BYTES)
-        _check_text("enrolment method", method, MAX_TEXT_BYTES)
-        _check_int("not_after", not_after)
-        method = sys.intern(method)
-        packed = _pack_fingerprint(fingerprint)
-        return self._supersede(agent_id, lambda dot: Admit(dot, packed, self.clock.now(), not_after, method))
-
-    def revoke(self, agent_id: str, reason: str = "operator") -> ShardState:
-        """Revoke ``agent_id``. Works for an agent this replica never saw: the revocation still
-        beats every admission it did not observe, wherever that admission was made."""
-        _check_agent(agent_id)
-        _check_text("revoke reason", reason, MAX_TEXT_BYTES)
-        reason = sys.intern(reason)
-        return self._supersede(agent_id, lambda dot: Revoke(dot, self.clock.now(), reason))
-
-    def forget(self, agent_id: str) -> ShardState:
-        """Remove every token seen here for ``agent_id`` (decommission).
-
-        Refused while the agent is Revoked: a forgotten revocation would let a lagging admit
-        win. An unknown agent gives an empty delta (nothing to replicate)."""
-        _check_agent(agent_id)
-        shard = self.shards[shard_of(agent_id)]
-        if _status(shard.entries.get(agent_id)).state is State.REVOKED:
-            raise RosterRefusedError(
-                f"cannot forget agent {agent_id!r}: it is revoked, and forgetting a revocation "
-                f"would let an admission it overrides win again; expected an agent that is "
-                f"admitted, in conflict or unknown"
-            )
-        return self._supersede(agent_id, None)
-
-    def _supersede(self, agent_id: str, make: Callable[[int], Token] | None) -> ShardState:
-        shard = self.shards[shard_of(agent_id)]
-        delta = ShardState(shard.shard)
-        # The delta's context is exactly the observed dots plus the new one: joining it removes
-        # what this bolt saw, and nothing it did not see.
-        for token in shard.tokens(agent_id):
-            delta.ctx.cloud.add(token.dot)
-        if make is not None:
-            # Counters are per (incarnation, shard): this replica's dots in a shard are always
-            # contiguous in its own context, so the next one is the vector entry plus one.
-            dot = _dot(self._index, shard.ctx.vector.get(self._index, 0) + 1)
-            delta.ctx.cloud.add(dot)
-            delta.entries[agent_id] = make(dot)
-        delta.ctx._compact()
-        if delta:
-            # What joining the delta would do, without scanning the shard: the context holds
-            # only this agent's dots, so only its entry changes (tests check X ⊔ δ = m(X)).
-            if make is None:
-                del shard.entries[agent_id]
-            else:
-                shard.entries[agent_id] = delta.entries[agent_id]
-            shard.ctx.merge(delta.ctx)
-            self._changed(shard.shard)
-        return delta
-
-    # -- join ---------------------------------------------------------------------------------------
-
-    def join(self, state: ShardState) -> bool:
-        """Join a delta, a delta interval or a full shard state. Returns whether anything changed.
-
-        Idempotent, commutative and associative, so duplicated, reordered or re-sent states are
-        harmless."""
-        if not 0 <= state.shard < SHARDS:
-            raise RosterFormatError(f"cannot join shard {state.shard}: expected 0..{SHARDS - 1}")
-        return self._apply(self.shards[state.shard], state)
-
-    def _apply(self, shard: ShardState, state: ShardState) -> bool:
-        if not shard.join(state):
-            return False
-        self._changed(shard.shard)
-        newest = max((t.hlc for value in state.entries.values() for t in _tokens(value)), default=0)
-        if newest:
-            self.clock.observe(newest)
-        return True
-
-    def _changed(self, shard: int) -> None:
-        self._encoded[shard] = None
-        self._digests[shard] = None
-        self._unsaved.add(shard)
-
-    # -- reads ----------------------------------------------------------------------------------
-
-    def status(self, agent_id: str) -> Status:
-        return _status(self.shards[shard_of(agent_id)].entries.get(agent_id))
-
-    def __len__(self) -> int:
-        """Agents holding at least one token (admitted, revoked or in conflict)."""
-        return sum(len(s.entries) for s in self.shards)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Roster):
-            return NotImplemented
-        return self.shards == other.shards
-
-    __hash__ = None  # type: ignore[assignment]  # mutable
-
-    def agents(self) -> Iterator[tuple[str, Status]]:
-        for shard in self.shards:
-            for agent_id, value in shard.entries.items():
-                yield agent_id, _status(value)
-
-    def counts(self) -> dict[str, int]:
-        """Agents per state (a scan of the whole roster: for status pages, not hot paths)."""
-        counts = {state.value: 0 for state in State if state is not State.UNKNOWN}
-        for _, status in self.agents():
-            counts[status.state.value] += 1
-        return counts
-
-    # -- digests and encoding --------------------------------------------------------------------
-
-    def encoded(self, shard: int) -> bytes:
-        """The canonical encoding of one shard (cached until the shard changes)."""
-        data = self._encoded[shard]
-        if data is None:
-            data = self._encoded[shard] = encode(self.shards[shard])
-        return data
-
-    def digest(self, shard: int) -> bytes:
-        """First DIGEST_BYTES of the SHA-256 of the shard's canonical encoding."""
-        digest = self._digests[shard]
-        if digest is None:
-            digest = self._digests[shard] = hashlib.sha256(self.encoded(shard)).digest()[:DIGEST_BYTES]
-        return digest
-
-    def digests(self) -> bytes:
-        """All shard digests, concatenated in shard order (SHARDS * DIGEST_BYTES bytes)."""
-        return b"".join(self.digest(i) for i in range(SHARDS))
-
-    # -- persistence ----------------------------------------------------------------------------
-
-    def dump(self, shards: Iterable[int] | None = None) -> dict[int, bytes]:
-        """Encoded shard states to store, e.g. one SQLite row per shard.
-
-        ``shards=None`` gives every non-empty shard; pass ``take_unsaved()`` to write only what
-        changed. Loading the result (``Roster.load``) gives the same roster."""
-        wanted = range(SHARDS) if shards is None else shards
-        return {i: self.encoded(i) for i in wanted if self.shards[i]}
-
-    def take_unsaved(self) -> list[int]:
-        """Shards changed since the last call, sorted; the set starts empty again. If writing
-        them fails, dump everything next time (``dump()``) rather than lose a change."""
-        taken = sorted(self._unsaved)
-        self._unsaved.clear()
-        return taken
-
-    @classmethod
-    def load(
-        cls,
-        replica: ReplicaId,
-        shards: Mapping[int, bytes],
-        *,
-        wall: Callable[[], float] = time.time,
-        hlc_max_offset_s: float = HLC_MAX_OFFSET_S,
-    ) -> Roster:
-        """A roster for ``replica`` (a *new* incarnation) holding the dumped ``shards``."""
-        roster = cls(replica, wall=wall, hlc_max_offset_s=hlc_max_offset_s)
-        for key, data in shards.items():
-            state = decode(data)
-            if state.shard != key:
-                raise RosterFormatError(
-                    f"cannot load shard {key}: its bytes hold shard {state.shard}; expected the "
-                    f"stored key and the encoded shard number to agree"
-                )
-            roster.join(state)
-        roster._unsaved.clear()
-        return roster
-
-
-# --- Encoding ----------------------------------------------------------------------------------------
-#
-# A shard state on the wire (msgpack array), replica ids replaced by indexes into a table:
-#
-#     [shard, vector, cloud, entries]
-#     vector  = [ri, counter, ri, counter, ...]          one pair per replica, counter >= 1
-#     cloud   = [ri, counter, ...]                       dots seen out of order
-#     entries = [agent_id, [token, ...], agent_id, ...]
-#     token   = [0, ri, counter, fingerprint, hlc, not_after, method]    admit (a SHA-256
-#                                                                        hex fingerprint as
-#                                                                        its 32 raw bytes,
-#                                                                        see Admit)
-#             | [1, ri, counter, hlc, reason]                            revoke
-#
-# Standalone bytes (``encode``): one FORMAT_VERSION byte, then msgpack ``[replicas, state]``
-# with ``replicas = [[bolt, incarnation(16 bytes)], ...]``. ``encode`` is canonical (replicas,
-# pairs, agents and tokens sorted) so equal states give equal bytes and equal digests.
-
-
-class WireTable:
-    """Replica ids of one encoded message or state, by first use. Messages share one table
-    across all their shard states, so a bolt's 30-byte id travels once per message."""
-
-    __slots__ = ("_positions", "replicas")
-
-    def __init__(self) -> None:
-        self.replicas: list[ReplicaId] = []
-        self._positions: dict[int, int] = {}
-
-    def position(self, index: int) -> int:
-        pos = self._positions.get(index)
-        if pos is None:
-            pos = self._positions[index] = len(self.replicas)
-            self.replicas.append(_replica_ids[index])
-        return pos
-
-    def to_wire(self) -> list[list[Any]]:
-        return [[r.bolt, r.incarnation] for r in self.replicas]
-
-
-def state_to_wire(state: ShardState, table: WireTable) -> list[Any]:
-    """A shard state as msgpack-ready lists, replica ids entered into ``table``."""
-    pos = table.position
-    vector: list[int] = []
-    for index, counter in state.ctx.vector.items():
-        vector += (pos(index), counter)
-    cloud: list[int] = []
-    for dot in state.ctx.cloud:
-        cloud += (pos(dot & _REPLICA_MASK), dot >> REPLICA_BITS)
-    entries: list[Any] = []
-    for agent_id, value in state.entries.items():
-        wire_tokens = []
-        for t in _tokens(value):
-            if type(t) is Admit:
-                wire_tokens.append([_TAG_ADMIT, pos(t.dot & _REPLICA_MASK), t.dot >> REPLICA_BITS,
-                                    t.fingerprint, t.hlc, t.not_after, t.method])
-            else:
-                wire_tokens.append([_TAG_REVOKE, pos(t.dot & _REPLICA_MASK), t.dot >> REPLICA_BITS,
-                                    t.hlc, t.reason])
-        entries += (agent_id, wire_tokens)
-    return [state.shard, vector, cloud, entries]
-
-
-def encode(state: ShardState) -> bytes:
-    """Canonical standalone bytes of a shard state or delta."""
-    # Canonical replica order: sort the ids, then number them.
-    indexes = set(state.ctx.vector)
-    indexes.update(d & _REPLICA_MASK for d in state.ctx.cloud)
-    for value in state.entries.values():
-        indexes.update(t.dot & _REPLICA_MASK for t in _tokens(value))
-    table = WireTable()
-    for index in sorted(indexes, key=_replica_ids.__getitem__):
-        table.position(index)
-    wire = state_to_wire(state, table)
-    # Sort pairs, agents and tokens by their wire values (table positions are canonical now).
-    wire[1] = _sorted_pairs(wire[1])
-    wire[2] = _sorted_pairs(wire[2])
-    pairs = sorted(zip(wire[3][::2], wire[3][1::2], strict=True), key=lambda p: p[0])
-    wire[3] = [x for agent_id, tokens in pairs for x in (agent_id, sorted(tokens, key=lambda t: (t[1], t[2])))]
-    return bytes((FORMAT_VERSION,)) + msgpack.packb([table.to_wire(), wire], use_bin_type=True)
-
-
-def _sorted_pairs(flat: list[int]) -> list[int]:
-    pairs = sorted(zip(flat[::2], flat[1::2], strict=True))
-    return [x for pair in pairs for x in pair]
-
-
-def decode(data: bytes) -> ShardState:
-    """A shard state from ``encode`` bytes. Anything else raises RosterFormatError."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise RosterFormatError(f"cannot decode a roster shard: expected bytes, got {type(data).__name__}")
-    if len(data) < 2:
-        raise RosterFormatError(f"cannot decode a roster shard: expected at least 2 bytes, got {len(data)}")
-    if data[0] != FORMAT_VERSION:
-        raise RosterFormatError(
-            f"cannot decode a roster shard: expected format version {FORMAT_VERSION}, got {data[0]}"
-        )
-    body = unpack(data[1:], "roster shard")
-    if not isinstance(body, list) or len(body) != 2:
-        raise RosterFormatError(
-            f"cannot decode a roster shard: expected [replicas, state], got {_show(body)}"
-        )
-    return state_from_wire(body[1], replicas_from_wire(body[0]))
-
-
-def unpack(data: bytes | memoryview, what: str) -> Any:
-    """msgpack-decode ``data`` or raise RosterFormatError naming ``what`` was being decoded."""
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise RosterFormatError(f"cannot decode a {what}: not valid msgpack ({exc})") from exc
-
-
-def replicas_from_wire(obj: Any) -> list[int]:
-    """A wire replica table as intern indexes."""
-    if not isinstance(obj, list):
-        raise RosterFormatError(f"roster replica table: expected a list, got {_show(obj)}")
-    indexes = []
-    for item in obj:
-        if (
-            not isinstance(item, list)
-            or len(item) != 2
-            or not isinstance(item[0], str)
-            or not isinstance(item[1], bytes)
-            or len(item[1]) != INCARNATION_BYTES
-            or not item[0]
-            or len(item[0].encode("utf-8")) > MAX_BOLT_NAME_BYTES
-        ):
-            raise RosterFormatError(
-                f"roster replica table: expected [bolt name, {INCARNATION_BYTES}-byte incarnation], "
-                f"got {_show(item)}"
-            )
-        indexes.append(_intern(ReplicaId(item[0], item[1])))
-    return indexes
-
-
-def state_from_wire(obj: Any, replicas: list[int]) -> ShardState:
-    """A shard state from ``state_to_wire`` lists, checking every invariant a join relies on."""
-    if not isinstance(obj, list) or len(obj) != 4:
-        raise RosterFormatError(f"roster shard state: expected [shard, vector, cloud, entries], got {_show(obj)}")
-    shard_no, vector, cloud, entries = obj
-    if type(shard_no) is not int or not 0 <= shard_no < SHARDS:
-        raise RosterFormatError(f"roster shard state: expected a shard number 0..{SHARDS - 1}, got {_show(shard_no)}")
-    where = f"roster shard {shard_no}"
-    state = ShardState(shard_no)
-
-    def dot_at(flat: list[Any], i: int, what: str) -> tuple[int, int]:
-        ri, counter = flat[i], flat[i + 1]
-        if type(ri) is not int or not 0 <= ri < len(replicas):
-            raise RosterFormatError(
-                f"{where} {what}: expected a replica index 0..{len(replicas) - 1}, got {_show(ri)}"
-            )
-        if type(counter) is not int or not 1 <= counter <= MAX_WIRE_INT:
-            raise RosterFormatError(f"{where} {what}: expected a counter >= 1, got {_show(counter)}")
-        return replicas[ri], counter
-
-    for name, flat in (("vector", vector), ("cloud", cloud)):
-        if not isinstance(flat, list) or len(flat) % 2:
-            raise RosterFormatError(f"{where} {name}: expected a flat list of pairs, got {_show(flat)}")
-    for i in range(0, len(vector), 2):
-        index, counter = dot_at(vector, i, "vector")
-        if index in state.ctx.vector:
-            raise RosterFormatError(f"{where} vector: replica {_replica_ids[index]} appears twice")
-        state.ctx.vector[index] = counter
-    for i in range(0, len(cloud), 2):
-        state.ctx.cloud.add(_dot(*dot_at(cloud, i, "cloud")))
-    state.ctx._compact()
-
-    if not isinstance(entries, list) or len(entries) % 2:
-        raise RosterFormatError(f"{where} entries: expected [agent_id, tokens, ...], got {_show(entries)}")
-    seen_dots: set[int] = set()
-    for i in range(0, len(entries), 2):
-        agent_id, wire_tokens = entries[i], entries[i + 1]
-        if not isinstance(agent_id, str) or not agent_id or len(agent_id.encode("utf-8")) > MAX_AGENT_ID_BYTES:
-            raise RosterFormatError(f"{where}: expected an agent id (1..{MAX_AGENT_ID_BYTES} bytes), got {_show(agent_id)}")
-        if shard_of(agent_id) != shard_no:
-            raise RosterFormatError(
-                f"{where}: agent {agent_id!r} hashes to shard {shard_of(agent_id)}; the sender "
-                f"uses a different shard hash or shard count"
-            )
-        if agent_id in state.entries:
-            raise RosterFormatError(f"{where}: agent {agent_id!r} appears twice")
-        if not isinstance(wire_tokens, list) or not wire_tokens:
-            raise RosterFormatError(f"{where} agent {agent_id!r}: expected a non-empty token list, got {_show(wire_tokens)}")
-        tokens: list[Token] = []
-        for wt in wire_tokens:
-            token = _token_from_wire(wt, dot_at, f"{where} agent {agent_id!r}")
-            if token.dot in seen_dots:
-                raise RosterFormatError(f"{where} agent {agent_id!r}: dot {_dot_text(token.dot)} names two tokens")
-            if not state.ctx.has(token.dot):
-                raise RosterFormatError(
-                    f"{where} agent {agent_id!r}: token dot {_dot_text(token.dot)} is missing from "
-                    f"the shard's causal context; every token's dot must be in it"
-                )
-            seen_dots.add(token.dot)
-            tokens.append(token)
-        state.entries[agent_id] = _entry(tokens)
-    return state
-
-
-def _token_from_wire(wt: Any, dot_at: Callable[[list[Any], int, str], tuple[int, int]], where: str) -> Token:
-    if isinstance(wt, list) and len(wt) == 7 and wt[0] == _TAG_ADMIT:
-        index, counter = dot_at(wt, 1, "admit token")
-        _, _, _, fingerprint, hlc, not_after, method = wt
-        if isinstance(fingerprint, bytes):
-            if len(fingerprint) != _SHA256_BYTES:
-                raise RosterFormatError(
-                    f"{where}: expected a binary fingerprint of {_SHA256_BYTES} bytes, got {len(fingerprint)}"
-                )
-        else:
-            _check_text("fingerprint", fingerprint, MAX_TEXT_BYTES, where)
-            fingerprint = _pack_fingerprint(fingerprint)
-        _check_int("hlc", hlc, where)
-        _check_int("not_after", not_after, where)
-        _check_text("enrolment method", method, MAX_TEXT_BYTES, where)
-        return Admit(_dot(index, counter), fingerprint, hlc, not_after, sys.intern(method))
-    if isinstance(wt, list) and len(wt) == 5 and wt[0] == _TAG_REVOKE:
-        index, counter = dot_at(wt, 1, "revoke token")
-        _, _, _, hlc, reason = wt
-        _check_int("hlc", hlc, where)
-        _check_text("revoke reason", reason, MAX_TEXT_BYTES, where)
-        return Revoke(_dot(index, counter), hlc, sys.intern(reason))
-    raise RosterFormatError(
-        f"{where}: expected a token [0, ri, counter, fingerprint, hlc, not_after, method] or "
-        f"[1, ri, counter, hlc, reason], got {_show(wt)}"
-    )
-
-
-_SHA256_BYTES = 32
-_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def _pack_fingerprint(fingerprint: str) -> str | bytes:
-    """vigo's fingerprints (SHA-256 as 64 lowercase hex digits) as their 32 bytes; other text
-    unchanged. Always applied, so one fingerprint has one representation (canonical bytes)."""
-    return bytes.fromhex(fingerprint) if _SHA256_HEX.fullmatch(fingerprint) else fingerprint
-
-
 # --- Argument checks -----------------------------------------------------------------------------
 
 
@@ -988,10 +552,6 @@ def _check_text(what: str, value: Any, limit: int, where: str = "roster") -> Non
 def _check_int(what: str, value: Any, where: str = "roster") -> None:
     if type(value) is not int or not 0 <= value <= MAX_WIRE_INT:
         raise RosterFormatError(f"{where}: expected {what} as an integer 0..2**63-1, got {_show(value)}")
-
-
-def _dot_text(dot: int) -> str:
-    return f"({dot_replica(dot)}, {dot_counter(dot)})"
 
 
 def _show(value: object, limit: int = 80) -> str:

@@ -31,15 +31,15 @@ from typing import Any
 
 import msgpack
 
+from vigo.roster.codec import decode
 from vigo.roster.crdt import (
     CausalContext,
     ReplicaId,
-    Roster,
     ShardState,
     State,
-    decode,
     shard_of,
 )
+from vigo.roster.roster import Roster
 from vigo.roster.sync import Outbound, Replica, Snapshot, SyncConfig
 
 __all__ = ["WALL_EPOCH_S", "NetConfig", "OpRecord", "Simulation"]

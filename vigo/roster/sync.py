@@ -30,7 +30,7 @@ The mechanisms (notes/roster-crdt.md section 6; people's version docs/spanner.md
   then holds everything that peer held. A fresh snapshot is ready at once, so a bolt whose
   peers are all down still serves from what it saved.
 
-Message shapes: see ``decode_message``.
+Message shapes: ``vigo.roster.messages``; what is kept per peer: ``vigo.roster.peers``.
 """
 
 from __future__ import annotations
@@ -38,51 +38,34 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
-
-import msgpack
 
 from vigo.errors import ConfigError, RosterError, RosterFormatError
 from vigo.roster.crdt import (
-    DIGEST_BYTES,
     HLC_MAX_OFFSET_S,
     INCARNATION_BYTES,
-    MAX_BOLT_NAME_BYTES,
-    MAX_WIRE_INT,
-    SHARDS,
     ReplicaId,
-    Roster,
     ShardState,
     Status,
-    WireTable,
+    _show,
     joined,
-    replicas_from_wire,
-    state_from_wire,
-    state_to_wire,
-    unpack,
 )
+from vigo.roster.messages import (
+    ACK,
+    DIGEST,
+    PUSH,
+    REPAIR,
+    SUPPLY,
+    Message,
+    decode_message,
+    differing_shards,
+    encode_message,
+)
+from vigo.roster.peers import Peer
+from vigo.roster.roster import Roster
 
-__all__ = [
-    "MESSAGE_VERSION",
-    "Message",
-    "Outbound",
-    "Replica",
-    "Snapshot",
-    "SyncConfig",
-    "Write",
-    "decode_message",
-]
-
-#: First byte of every sync message. Bumped only for changes old peers cannot read.
-MESSAGE_VERSION = 1
-#: Message types, the "t" field.
-PUSH, ACK, DIGEST, REPAIR, SUPPLY = "push", "ack", "digest", "repair", "supply"
-MESSAGE_TYPES = (PUSH, ACK, DIGEST, REPAIR, SUPPLY)
-
-#: Out-of-order push ranges remembered per peer (a handful is plenty: one per push interval
-#: of reordering).
-_MAX_AHEAD_RANGES = 64
+__all__ = ["Outbound", "Replica", "Snapshot", "SyncConfig", "Write"]
 
 #: What the engine asks the bolt to send: the peer's bolt name and the encoded message.
 Outbound = tuple[str, bytes]
@@ -161,169 +144,6 @@ class Snapshot(NamedTuple):
     shards: dict[int, bytes]
 
 
-# --- Messages --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Message:
-    """A decoded sync message. Fields beyond ``kind`` and ``sender`` depend on the kind:
-
-    ========  ===========================================================================
-    push      ``lo``, ``hi``: it carries every sender delta with lo < seq <= hi;
-              ``states``: one delta interval (or full shard) per touched shard
-    ack       ``origin``: the acked incarnation of the receiver; ``upto``
-    digest    ``seq``: the sender's last sequence number; ``digests``: SHARDS * 16 bytes
-    repair    ``seq`` (the replier's), ``ref`` (the digest's seq), ``mismatch`` (every
-              differing shard), ``want`` (shards to supply back), ``ready``, ``states``
-    supply    ``ref`` (the digest's seq), ``states``
-    ========  ===========================================================================
-    """
-
-    kind: str
-    sender: ReplicaId
-    lo: int = 0
-    hi: int = 0
-    origin: bytes = b""
-    upto: int = 0
-    seq: int = 0
-    ref: int = 0
-    digests: bytes = b""
-    mismatch: list[int] = field(default_factory=list)
-    want: list[int] = field(default_factory=list)
-    ready: bool = True
-    states: list[ShardState] = field(default_factory=list)
-
-
-def _encode(kind: str, sender: ReplicaId, body: dict[str, Any], states: Iterable[ShardState] = ()) -> bytes:
-    table = WireTable()
-    wire_states = [state_to_wire(s, table) for s in states]
-    body = {"t": kind, "f": [sender.bolt, sender.incarnation], **body}
-    if kind in (PUSH, REPAIR, SUPPLY):
-        body["r"] = table.to_wire()
-        body["s"] = wire_states
-    return bytes((MESSAGE_VERSION,)) + msgpack.packb(body, use_bin_type=True)
-
-
-def decode_message(data: bytes) -> Message:
-    """Decode and check one sync message.
-
-    Bytes: one MESSAGE_VERSION byte, then a msgpack map with ``"t"`` (kind), ``"f"`` (sender
-    ``[bolt, incarnation]``) and per kind: push ``lo, hi, r, s``; ack ``o, u``; digest
-    ``q, d``; repair ``q, ref, m, w, rd, r, s``; supply ``ref, r, s`` — ``r`` being the replica
-    table and ``s`` shard states in the format of ``vigo.roster.crdt`` (one table per message).
-    Anything else raises RosterFormatError saying what was expected and what arrived."""
-    if not isinstance(data, bytes | bytearray | memoryview) or len(data) < 2:
-        raise RosterFormatError(f"cannot decode a roster sync message: expected bytes, got {_show(data)}")
-    if data[0] != MESSAGE_VERSION:
-        raise RosterFormatError(
-            f"cannot decode a roster sync message: expected version {MESSAGE_VERSION}, got {data[0]}"
-        )
-    body = unpack(data[1:], "roster sync message")
-    if not isinstance(body, dict) or body.get("t") not in MESSAGE_TYPES:
-        raise RosterFormatError(
-            f"roster sync message: expected a map with t in {MESSAGE_TYPES}, got {_show(body)}"
-        )
-    kind = body["t"]
-    sender = body.get("f")
-    if (
-        not isinstance(sender, list)
-        or len(sender) != 2
-        or not isinstance(sender[0], str)
-        or not sender[0]
-        or len(sender[0].encode("utf-8")) > MAX_BOLT_NAME_BYTES
-        or not isinstance(sender[1], bytes)
-        or len(sender[1]) != INCARNATION_BYTES
-    ):
-        raise RosterFormatError(f"roster {kind} message: expected f = [bolt name, 16-byte incarnation], got {_show(sender)}")
-    msg = Message(kind, ReplicaId(sender[0], sender[1]))
-
-    def number(key: str) -> int:
-        value = body.get(key)
-        if type(value) is not int or not 0 <= value <= MAX_WIRE_INT:
-            raise RosterFormatError(f"roster {kind} message: expected {key} as an integer >= 0, got {_show(value)}")
-        return value
-
-    def shard_list(key: str) -> list[int]:
-        value = body.get(key)
-        if not isinstance(value, list) or any(type(i) is not int or not 0 <= i < SHARDS for i in value):
-            raise RosterFormatError(f"roster {kind} message: expected {key} as a list of shard numbers, got {_show(value)}")
-        return value
-
-    if kind == PUSH:
-        msg.lo, msg.hi = number("lo"), number("hi")
-        if msg.lo >= msg.hi:
-            raise RosterFormatError(f"roster push message: expected lo < hi, got lo={msg.lo} hi={msg.hi}")
-    elif kind == ACK:
-        msg.upto = number("u")
-        origin = body.get("o")
-        if not isinstance(origin, bytes) or len(origin) != INCARNATION_BYTES:
-            raise RosterFormatError(f"roster ack message: expected o as a 16-byte incarnation, got {_show(origin)}")
-        msg.origin = origin
-    elif kind == DIGEST:
-        msg.seq = number("q")
-        digests = body.get("d")
-        if not isinstance(digests, bytes) or len(digests) != SHARDS * DIGEST_BYTES:
-            raise RosterFormatError(
-                f"roster digest message: expected d as {SHARDS * DIGEST_BYTES} bytes, got {_show(digests)}"
-            )
-        msg.digests = digests
-    elif kind == REPAIR:
-        msg.seq, msg.ref = number("q"), number("ref")
-        msg.mismatch, msg.want = shard_list("m"), shard_list("w")
-        if type(body.get("rd")) is not bool:
-            raise RosterFormatError(f"roster repair message: expected rd as a boolean, got {_show(body.get('rd'))}")
-        msg.ready = body["rd"]
-    else:
-        msg.ref = number("ref")
-    if kind in (PUSH, REPAIR, SUPPLY):
-        replicas = replicas_from_wire(body.get("r"))
-        states = body.get("s")
-        if not isinstance(states, list):
-            raise RosterFormatError(f"roster {kind} message: expected s as a list of shard states, got {_show(states)}")
-        msg.states = [state_from_wire(s, replicas) for s in states]
-    return msg
-
-
-# --- Peers ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Peer:
-    """What this replica knows about one peer bolt (by name; its incarnation may change)."""
-
-    name: str
-    last_heard: float
-    #: The peer's current incarnation; messages from older ones (``retired``) are still joined
-    #: (data is data) but their bookkeeping is ignored: a delayed ack from a dead incarnation
-    #: must not move anything.
-    incarnation: bytes | None = None
-    retired: set[bytes] = field(default_factory=set)
-    live: bool = False
-    # -- this replica as origin, the peer as receiver --
-    #: Highest of our sequence numbers the peer holds every delta up to (its acks).
-    acked: int = 0
-    #: Highest sequence number pushed to it.
-    sent_upto: int = 0
-    #: Pushes its acks do not cover yet: (hi, when sent), oldest first. When the oldest is
-    #: ``retransmit_s`` old, everything unacked goes again: a lost push is resent even while
-    #: new pushes keep flowing.
-    inflight: list[tuple[int, float]] = field(default_factory=list)
-    #: When we last sent it a digest because its acks predate our log.
-    behind_digest_at: float = float("-inf")
-    # -- the peer as origin, this replica as receiver --
-    #: Highest of its sequence numbers we hold every delta up to (what we ack).
-    recv: int = 0
-    #: Pushes that arrived past a gap, (lo, hi): counted once the gap closes, so a reordered
-    #: push does not have to be sent twice.
-    ahead: list[tuple[int, int]] = field(default_factory=list)
-    #: The repair answering our digest: (its seq, our digest's seq, shards still missing).
-    repair: tuple[int, int, set[int]] | None = None
-    #: The supply answering its digest: (its digest's seq, shards still missing).
-    supply: tuple[int, set[int]] | None = None
-    # -- for stats --
-    digest: bytes | None = None
-    digest_at: float = float("-inf")
-
 
 # --- The replica --------------------------------------------------------------------------------------
 
@@ -373,7 +193,7 @@ class Replica:
         self.ready = bool(shards)
         self._not_ready_answers: set[str] = set()
 
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, Peer] = {}
         # Until the bolt has said who is alive, "no live peer" means "not told yet", not "alone".
         self._peers_known = False
         # The delta log: (seq, delta) in seq order; seqs are contiguous, so the entry for seq
@@ -432,13 +252,13 @@ class Replica:
             peer = self._peers.get(name)
             if peer is None:
                 # A new peer holds back trimming from now on, for peer_silence_s at most.
-                peer = self._peers[name] = _Peer(name, last_heard=now)
+                peer = self._peers[name] = Peer(name, last_heard=now)
             peer.live = True
         for peer in self._peers.values():
             if peer.name not in live:
                 peer.live = False
 
-    def _live(self) -> list[_Peer]:
+    def _live(self) -> list[Peer]:
         return [p for p in self._peers.values() if p.live]
 
     # -- the periodic step ---------------------------------------------------------------------------
@@ -477,7 +297,7 @@ class Replica:
         self._trim(now)
         return out
 
-    def _pull(self, now: float, live: list[_Peer], out: list[Outbound]) -> None:
+    def _pull(self, now: float, live: list[Peer], out: list[Outbound]) -> None:
         if not self._peers_known:
             return
         if not live:
@@ -542,14 +362,14 @@ class Replica:
             if len(interval.entries) > self.config.max_delta_agents:
                 interval = self.roster.shards[shard]
             states.append(interval)
-        data = _encode(PUSH, self.replica, {"lo": lo, "hi": hi}, states)
+        data = encode_message(PUSH, self.replica, {"lo": lo, "hi": hi}, states)
         fits = len(data) <= self.config.max_message_bytes
         self._push_cache[(lo, hi)] = [data] if fits else []
         return data if fits else None
 
     def digest_message(self) -> bytes:
         """Our sequence number and the digest of every shard (about 4 KiB)."""
-        return self._count_sent(DIGEST, _encode(DIGEST, self.replica, {"q": self._seq, "d": self.roster.digests()}))
+        return self._count_sent(DIGEST, encode_message(DIGEST, self.replica, {"q": self._seq, "d": self.roster.digests()}))
 
     def _trim(self, now: float) -> None:
         floor = self._seq
@@ -580,7 +400,7 @@ class Replica:
             return []  # an earlier incarnation of this bolt: its data counted, nothing to answer
         peer = self._peers.get(msg.sender.bolt)
         if peer is None:
-            peer = self._peers[msg.sender.bolt] = _Peer(msg.sender.bolt, last_heard=self._now())
+            peer = self._peers[msg.sender.bolt] = Peer(msg.sender.bolt, last_heard=self._now())
         if not self._current(peer, msg.sender.incarnation):
             return []
         handler = {
@@ -592,7 +412,7 @@ class Replica:
         }[msg.kind]
         return [(peer.name, m) for m in handler(peer, msg)]
 
-    def _current(self, peer: _Peer, incarnation: bytes) -> bool:
+    def _current(self, peer: Peer, incarnation: bytes) -> bool:
         """Note a message from ``peer``; whether it comes from the peer's current incarnation."""
         if incarnation == peer.incarnation:
             peer.last_heard = self._now()
@@ -600,49 +420,21 @@ class Replica:
         if incarnation in peer.retired:
             return False
         if peer.incarnation is not None:
-            # A restarted peer: it holds nothing of ours in its bookkeeping, and we hold
-            # nothing of its new incarnation. Its pull or a digest brings it up to date.
-            peer.retired.add(peer.incarnation)
-            peer.acked = peer.sent_upto = peer.recv = 0
-            peer.inflight.clear()
-            peer.ahead.clear()
-            peer.repair = peer.supply = None
-            peer.digest = None
-            peer.behind_digest_at = float("-inf")
+            peer.restarted()  # a new incarnation: what we knew of the old one is void
             self._not_ready_answers.discard(peer.name)
         peer.incarnation = incarnation
         peer.last_heard = self._now()
         return True
 
-    def _ack(self, peer: _Peer) -> bytes:
+    def _ack(self, peer: Peer) -> bytes:
         assert peer.incarnation is not None  # set by _current before any handler runs
-        return self._count_sent(ACK, _encode(ACK, self.replica, {"o": peer.incarnation, "u": peer.recv}))
+        return self._count_sent(ACK, encode_message(ACK, self.replica, {"o": peer.incarnation, "u": peer.recv}))
 
-    def _on_push(self, peer: _Peer, msg: Message) -> list[bytes]:
-        self._received(peer, msg.lo, msg.hi)
+    def _on_push(self, peer: Peer, msg: Message) -> list[bytes]:
+        peer.received(msg.lo, msg.hi)
         return [self._ack(peer)]
 
-    def _received(self, peer: _Peer, lo: int, hi: int) -> None:
-        """Note that we hold every delta of the peer with lo < seq <= hi."""
-        if lo > peer.recv:
-            peer.ahead.append((lo, hi))
-            if len(peer.ahead) > _MAX_AHEAD_RANGES:
-                # Keep the ranges nearest the gap; the others come again on retransmission.
-                peer.ahead.sort()
-                del peer.ahead[_MAX_AHEAD_RANGES:]
-            return
-        peer.recv = max(peer.recv, hi)
-        absorbed = True
-        while absorbed and peer.ahead:
-            absorbed = False
-            for i, (a, b) in enumerate(peer.ahead):
-                if a <= peer.recv:
-                    peer.recv = max(peer.recv, b)
-                    del peer.ahead[i]
-                    absorbed = True
-                    break
-
-    def _on_ack(self, peer: _Peer, msg: Message) -> list[bytes]:
+    def _on_ack(self, peer: Peer, msg: Message) -> list[bytes]:
         if msg.origin == self.replica.incarnation and msg.upto > peer.acked:
             peer.acked = min(msg.upto, self._seq)
             peer.sent_upto = max(peer.sent_upto, peer.acked)
@@ -650,25 +442,22 @@ class Replica:
             self._trim(self._now())
         return []
 
-    def _on_digest(self, peer: _Peer, msg: Message) -> list[bytes]:
+    def _on_digest(self, peer: Peer, msg: Message) -> list[bytes]:
         peer.digest, peer.digest_at = msg.digests, self._now()
         mine = self.roster.digests()
-        mismatch = [
-            i for i in range(SHARDS)
-            if msg.digests[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES] != mine[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES]
-        ]
+        mismatch = differing_shards(msg.digests, mine)
         out = []
         if mismatch:
             peer.supply = (msg.seq, set(mismatch))
         elif msg.seq > peer.recv:
             # Equal everywhere: we hold every delta the peer had made when it sent the digest.
-            self._received(peer, 0, msg.seq)
+            peer.received(0, msg.seq)
             out.append(self._ack(peer))
         body = {"q": self._seq, "ref": msg.seq, "m": mismatch, "rd": self.ready}
         out += self._chunked(REPAIR, body, mismatch, want=mismatch)
         return out
 
-    def _on_repair(self, peer: _Peer, msg: Message) -> list[bytes]:
+    def _on_repair(self, peer: Peer, msg: Message) -> list[bytes]:
         out = []
         key = (msg.seq, msg.ref)
         # A repair is tracked until complete; only a newer one (higher seq) replaces it, so a
@@ -683,7 +472,7 @@ class Replica:
                 # every delta it made up to its seq is here.
                 peer.repair = None
                 if msg.seq > peer.recv:
-                    self._received(peer, 0, msg.seq)
+                    peer.received(0, msg.seq)
                     out.append(self._ack(peer))
                 if not self.ready:
                     if msg.ready:
@@ -694,7 +483,7 @@ class Replica:
             out += self._chunked(SUPPLY, {"ref": msg.ref}, msg.want)
         return out
 
-    def _on_supply(self, peer: _Peer, msg: Message) -> list[bytes]:
+    def _on_supply(self, peer: Peer, msg: Message) -> list[bytes]:
         if peer.supply is None or peer.supply[0] != msg.ref:
             return []
         missing = peer.supply[1]
@@ -703,7 +492,7 @@ class Replica:
             return []
         peer.supply = None
         if msg.ref > peer.recv:
-            self._received(peer, 0, msg.ref)
+            peer.received(0, msg.ref)
             return [self._ack(peer)]
         return []
 
@@ -728,7 +517,7 @@ class Replica:
     def _encode_group(self, kind: str, body: dict[str, Any], group: list[int], want: list[int] | None) -> bytes:
         if kind == REPAIR:
             body = {**body, "w": want or []}
-        return self._count_sent(kind, _encode(kind, self.replica, body, [self.roster.shards[i] for i in group]))
+        return self._count_sent(kind, encode_message(kind, self.replica, body, [self.roster.shards[i] for i in group]))
 
     # -- persistence and stats ------------------------------------------------------------------------
 
@@ -758,25 +547,9 @@ class Replica:
         peers = {}
         agreements = []
         for peer in sorted(self._peers.values(), key=lambda p: p.name):
-            agreement = differing = None
-            if peer.digest is not None:
-                differing = [
-                    i for i in range(SHARDS)
-                    if peer.digest[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES] != mine[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES]
-                ]
-                agreement = 1 - len(differing) / SHARDS
-                if peer.live:
-                    agreements.append(agreement)
-            peers[peer.name] = {
-                "live": peer.live,
-                "incarnation": peer.incarnation.hex() if peer.incarnation else None,
-                "acked": peer.acked,
-                "backlog": self._seq - peer.acked,
-                "heard_s_ago": round(now - peer.last_heard, 3),
-                "digest_agreement": agreement,
-                "differing_shards": differing,
-                "digest_age_s": None if peer.digest is None else round(now - peer.digest_at, 3),
-            }
+            row = peers[peer.name] = peer.stats(now, self._seq, mine)
+            if peer.live and row["digest_agreement"] is not None:
+                agreements.append(row["digest_agreement"])
         stats: dict[str, Any] = {
             "replica": str(self.replica),
             "bolt": self.replica.bolt,
@@ -794,8 +567,3 @@ class Replica:
         if counts:
             stats["states"] = self.roster.counts()
         return stats
-
-
-def _show(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -31,7 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from vigo.crypto.tls import load_ca_pem, load_cert_chain_pem
-from vigo.errors import AdmissionError, ConfigError, RevokedError, TokenError
+from vigo.errors import AdmissionError, ConfigError, RevokedError, TokenError, clipped_repr
+from vigo.timefmt import iso
 
 # Envoy certificates are short so a stolen one stops working on its own, without relying on
 # every gateway having seen the revocation; envoys renew well before this runs out.
@@ -165,7 +166,7 @@ class FleetCA:
                 names.append(x509.IPAddress(ipaddress.ip_address(ip)))
             except ValueError as exc:
                 raise AdmissionError(
-                    f"cannot issue server certificate: expected an IP address, got {_show(ip)}"
+                    f"cannot issue server certificate: expected an IP address, got {clipped_repr(ip)}"
                 ) from exc
         key = ec.generate_private_key(ec.SECP256R1())
         cn = hostnames[0] if hostnames else ips[0]
@@ -192,7 +193,7 @@ class FleetCA:
         if not isinstance(envoy_id, str) or not ENVOY_ID_RE.fullmatch(envoy_id):
             raise AdmissionError(
                 f"cannot issue envoy certificate: expected an envoy id of 1-64 letters, digits, "
-                f"'.', '_' or '-' (starting with a letter or digit), got {_show(envoy_id)}"
+                f"'.', '_' or '-' (starting with a letter or digit), got {clipped_repr(envoy_id)}"
             )
         csr = _load_csr(csr_pem)
         try:
@@ -389,7 +390,7 @@ def check_token(record: TokenRecord | None, *, now: float, token: str | None = N
     if record is None or (token is not None and not record.matches(token)):
         raise TokenError("join token not recognised")
     if now >= record.expires_at:
-        raise TokenError(f"join token expired at {_iso(record.expires_at)}")
+        raise TokenError(f"join token expired at {iso(record.expires_at, utc='+00:00')}")
     if record.uses_left <= 0:
         raise TokenError(f"join token has no uses left (it allowed {record.uses_allowed})")
 
@@ -470,7 +471,7 @@ class RevocationSet:
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise AdmissionError(
                     f"cannot read revocation entry #{index}: expected "
-                    f"{{'envoy_id': str, 'serial': hex str or None}}, got {_show(item)}"
+                    f"{{'envoy_id': str, 'serial': hex str or None}}, got {clipped_repr(item)}"
                 ) from exc
             result.revoke(envoy_id, serial)
         return result
@@ -506,7 +507,7 @@ def _load_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise AdmissionError(
             "cannot read certificate request: expected a PEM CSR "
-            f"(-----BEGIN CERTIFICATE REQUEST-----), got {_show(csr_pem, 60)}"
+            f"(-----BEGIN CERTIFICATE REQUEST-----), got {clipped_repr(csr_pem, 60)}"
         ) from exc
 
 
@@ -517,7 +518,7 @@ def _load_cert(data: bytes) -> x509.Certificate:
         return x509.load_der_x509_certificate(bytes(data))
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise AdmissionError(
-            f"cannot read certificate: expected PEM or DER X.509, got {_show(data, 60)}"
+            f"cannot read certificate: expected PEM or DER X.509, got {clipped_repr(data, 60)}"
         ) from exc
 
 
@@ -545,13 +546,8 @@ def _name(common_name: str, what: str) -> x509.Name:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     except ValueError as exc:
         raise AdmissionError(
-            f"cannot use {what} {_show(common_name)}: expected 1-64 characters"
+            f"cannot use {what} {clipped_repr(common_name)}: expected 1-64 characters"
         ) from exc
-
-
-def _show(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _spki(key: Any) -> bytes:
@@ -563,7 +559,3 @@ def _spki(key: Any) -> bytes:
 def _utc(unix_s: float) -> datetime:
     # Certificates carry whole seconds; truncating here keeps IssuedCert.not_after exact.
     return datetime.fromtimestamp(int(unix_s), tz=UTC)
-
-
-def _iso(unix_s: float) -> str:
-    return datetime.fromtimestamp(unix_s, tz=UTC).isoformat(timespec="seconds")

@@ -34,6 +34,7 @@ from vigo.server.admissions import (
 )
 from vigo.server.fleet import FleetCore
 from vigo.state.store import Store
+from vigo.timefmt import iso
 
 # The partition's one logger: operators follow one name for everything a partition does.
 log = logging.getLogger("vigo.server.partition")
@@ -99,7 +100,7 @@ class AdmissionsCore:
         if row is None:
             raise AdmissionError(f"envoy {envoy_id} is not known to partition {self.cfg.partition}")
         if row[0] is not None:
-            raise RevokedError(f"envoy {envoy_id} was revoked at {_iso(row[0])}")
+            raise RevokedError(f"envoy {envoy_id} was revoked at {iso(row[0])}")
         claimed = body.get("envoy_id")
         if claimed not in (None, envoy_id):
             raise ProtocolError("forbidden", f"message names envoy {claimed!r} but the certificate is {envoy_id!r}")
@@ -169,7 +170,7 @@ class AdmissionsCore:
         if self.hook is not None:
             self.hook.admitted(envoy_id, issued.cert_pem, issued.not_after)
         log.info("envoy %s renewed its certificate: serial %x valid until %s (was serial %s)", envoy_id,
-                 issued.serial, _iso(issued.not_after), item.get("cert_serial") or "?")
+                 issued.serial, iso(issued.not_after), item.get("cert_serial") or "?")
         return {"certificate_pem": issued.cert_pem, "not_after": issued.not_after}
 
     # --- admin operations (argument types checked by vigo/server/admin.py) ----------------
@@ -189,7 +190,7 @@ class AdmissionsCore:
             db.execute("INSERT INTO tokens(id, hash, created_at, expires_at, uses_left, uses_total, note) "
                        "VALUES (?,?,?,?,?,?,?)",
                        (rec.id, rec.hash, rec.created_at, rec.expires_at, rec.uses_left, rec.uses_left, note))
-        log.info("join token %s created (%d uses, expires %s)", rec.id, rec.uses_left, _iso(rec.expires_at))
+        log.info("join token %s created (%d uses, expires %s)", rec.id, rec.uses_left, iso(rec.expires_at))
         return {"id": rec.id, "token": token, "expires_at": rec.expires_at, "uses": rec.uses_left}
 
     def install_token(self, id: str, hash: str, created_at: float, expires_at: float, uses: int,
@@ -228,7 +229,3 @@ class AdmissionsCore:
             db.execute("UPDATE certs SET revoked_at = COALESCE(revoked_at, ?) WHERE envoy_id = ?", (now, target))
         log.info("envoy %s revoked", target)
         return {"id": target, "revoked_at": now, "revocations": self.revocations().to_list()}
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

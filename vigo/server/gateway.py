@@ -38,6 +38,7 @@ from vigo.server.admissions import (
     envoy_id_from_cert,
     tls_server_context,
 )
+from vigo.timefmt import iso
 
 log = logging.getLogger("vigo.server.gateway")
 
@@ -218,17 +219,17 @@ class GatewayServer:
         now = time.time()
         if now > not_after:
             log.info("refused envoy %s from %s: certificate %x expired at %s", conn.envoy_id, peer, conn.serial,
-                     _iso(not_after))
+                     iso(not_after))
             await self._fail(conn, 0, "expired",
-                             f"envoy {conn.envoy_id} certificate {conn.serial:x} expired at {_iso(not_after)} "
-                             f"(gateway clock {_iso(now)})")
+                             f"envoy {conn.envoy_id} certificate {conn.serial:x} expired at {iso(not_after)} "
+                             f"(gateway clock {iso(now)})")
             return False
         if now < not_before:
             log.info("refused envoy %s from %s: certificate %x not valid before %s", conn.envoy_id, peer,
-                     conn.serial, _iso(not_before))
+                     conn.serial, iso(not_before))
             await self._fail(conn, 0, "unauthenticated",
                              f"envoy {conn.envoy_id} certificate {conn.serial:x} is not valid before "
-                             f"{_iso(not_before)} (gateway clock {_iso(now)}): check the clocks")
+                             f"{iso(not_before)} (gateway clock {iso(now)}): check the clocks")
             return False
         return True
 
@@ -453,7 +454,3 @@ def _peer_der(writer: asyncio.StreamWriter) -> bytes | None:
     """The client certificate the TLS layer verified (DER), if one was presented."""
     obj = writer.get_extra_info("ssl_object")
     return obj.getpeercert(binary_form=True) if obj is not None else None
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -292,11 +293,16 @@ class Partition:
         log.info("partition %s now at term %d (was %d)", self.cfg.partition, term, self.term)
         self.term = term
 
+    def upkeep_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        """Periodic upkeep, step by step (named for the log): checkpoint when the WAL is long,
+        snapshot when the archive's schedule says so. The member runs each on its own guard."""
+        return [("checkpoint", self.store.checkpoint), ("scheduled snapshot", self.archive.snapshot_if_due)]
+
     def tick(self) -> None:
-        """Periodic upkeep from the primary's loop: checkpoint when the WAL is long, snapshot
-        when the archive's schedule says so."""
-        self.store.checkpoint()
-        self.archive.snapshot_if_due()
+        """Every upkeep step, in order (the first error stops the round: callers that must
+        keep going run ``upkeep_steps`` one by one, as the member does)."""
+        for _name, step in self.upkeep_steps():
+            step()
 
     def stream_status(self) -> dict[str, Any]:
         return self.archive.status()

@@ -3,8 +3,8 @@ standbys and their hosts, the spanner bolts, and which gateways exist. The contr
 (vigo/actors/control.py) serves one ``Topology``; a gateway asks ``route(partition)``; a
 promotion is one ``set_primary`` (the term only ever grows, so a stale promotion cannot win).
 
-State is a small JSON file in its own folder, rewritten atomically on every change, so a
-restarted control actor comes back with the topology it had.
+State is a small JSON file in its own folder, rewritten atomically (and fsynced) on every
+change, so a restarted control actor comes back with the topology it had.
 
 It also holds the deployment (``set_deployment``): every actor `server deploy` wants and on
 which ``vigo-host`` label (members by name, gateways on every labelled node or on the listed
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from vigo.durable import OPEN_MODE, atomic_write
 
 
 class Topology:
@@ -36,9 +37,8 @@ class Topology:
 
     def _save(self) -> None:
         self.topology["updated_at"] = time.time()
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.topology, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(self.topology, indent=2, sort_keys=True).encode(), mode=OPEN_MODE,
+                     tmp=self.path.with_suffix(".tmp"))
 
     def register_partition(self, partition: str, primary: str, term: int, data_dir: str,
                            standbys: list[str] | None = None, failover: dict[str, Any] | None = None,

@@ -23,14 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vigo.durable import fsync_path
+from vigo.durable import OPEN_MODE, atomic_write, fsync_path
 from vigo.errors import TargetError, TargetUnavailable
+from vigo.retry import Backoff
 from vigo.snapshots import layout
 from vigo.state.stream import Segment, Snapshot, decode_segment, encode_segment, merge_segments
 
 log = logging.getLogger("vigo.snapshots.archiver")
 
-#: Longest wait between upload attempts while the target is unreachable, seconds.
+#: Waits between upload attempts while the target is unreachable: 1 s, doubling up to 10 s
+#: (no jitter: one uploader per partition, nothing to spread), seconds.
+BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 10.0
 #: Largest merged WAL object, bytes (a tick's segments beyond it go in the next object).
 MAX_OBJECT_BYTES = 64 * 1024 * 1024
@@ -90,8 +93,7 @@ class Archiver:
         self._last_snapshot_at = 0.0
         self._next_retention = clock() + retention_check_s
         self._warned_at = 0.0
-        self._backoff_s = 0.0
-        self._retry_at = 0.0
+        self._backoff = Backoff(BACKOFF_BASE_S, BACKOFF_MAX_S, jitter=False, clock=clock)
         self.status_ = ArchiveStatus(url=getattr(target, "url", str(target)))
         self._uploaded_tail: tuple[str, int, int, tuple[int, int]] | None = None
         self._load_spool()
@@ -124,10 +126,11 @@ class Archiver:
             log.info("archive spool holds %d items from a previous run; uploading them first", len(self._queue))
 
     def _write(self, name: str, data: bytes) -> Path:
+        """A spool file, renamed into place whole; not fsynced here: ``flush`` does that for
+        every item at once before a checkpoint (a ``*.tmp`` left by a crash goes at the next
+        load)."""
         path = self.spool_dir / name
-        tmp = path.with_name(name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write(path, data, mode=OPEN_MODE, fsync=False, tmp=path.with_name(name + ".tmp"))
         return path
 
     def _tail(self) -> tuple[str, int, int, tuple[int, int]] | None:
@@ -232,8 +235,7 @@ class Archiver:
         """Upload what was spooled when this pass began, in order; stop at the first failure.
         Segments spooled meanwhile wait for the next tick: under a steady load a pass that
         chased them would never end, one small PUT after another. Returns objects sent."""
-        now = self.clock()
-        if now < self._retry_at:
+        if self._backoff.remaining() > 0:
             return 0
         with self._lock:
             last_seq = self._queue[-1].seq if self._queue else -1
@@ -246,18 +248,18 @@ class Archiver:
             try:
                 self._upload(batch)
             except (TargetUnavailable, TargetError, OSError) as exc:
-                self._backoff_s = min(BACKOFF_MAX_S, max(1.0, self._backoff_s * 2))
-                self._retry_at = self.clock() + self._backoff_s
+                wait = self._backoff.delay()
                 if self.status_.last_error is None:
                     log.warning("archive upload to %s failed (%s); spooling, next try in %.0f s",
-                                self.status_.url, exc, self._backoff_s)
+                                self.status_.url, exc, wait)
                 self.status_.last_error = str(exc)
                 with self._lock:
                     self._check_bound()
                 break
             if self.status_.last_error is not None:
                 log.warning("archive target %s answers again; spool draining", self.status_.url)
-            self.status_.last_error, self._backoff_s = None, 0.0
+            self.status_.last_error = None
+            self._backoff.reset()
             done_at = self.clock()
             with self._lock:
                 for item in batch:

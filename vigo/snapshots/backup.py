@@ -62,7 +62,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 import vigo
 from vigo.crypto.aead import KEY_BYTES, NONCE_BYTES, TAG_BYTES, Sealer
-from vigo.durable import fsync_path
+from vigo.durable import replace_durably
 from vigo.errors import (
     BackupCorruptError,
     BackupError,
@@ -263,8 +263,7 @@ def create_backup(conn: apsw.Connection, out: Path, key: BackupKey, *, partition
         unit = work / "unit.vgb"
         size = _write_unit(unit, header, manifest, keys, snapshot, trees, chunk_bytes, progress)
         try:
-            os.replace(unit, out)
-            fsync_path(out.parent)
+            replace_durably(unit, out)
         except OSError as exc:
             raise BackupError(f"cannot move the finished backup into place at {out}: {exc}") from exc
     finally:
@@ -721,8 +720,7 @@ def restore_backup(path: Path | str, key: str | bytes | BackupKey, data_dir: Pat
         target = data_dir / DATABASE_ENTRY
         try:
             removed = _remove(data_dir, _STATE_FILES[1:]) + ([DATABASE_ENTRY] if target.exists() else [])
-            os.replace(work / DATABASE_ENTRY, target)
-            fsync_path(data_dir)
+            replace_durably(work / DATABASE_ENTRY, target)
             removed += _remove(data_dir, (*_TREE_DIRS, "server.yaml"))
         except OSError as exc:
             raise BackupError(f"cannot put the restored database in place at {target}: {exc}") from exc

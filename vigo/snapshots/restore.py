@@ -18,7 +18,6 @@ generation with a fresh snapshot: it never appends to the chain it was restored 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vigo.durable import fsync_path
+from vigo.durable import fsync_path, replace_durably
 from vigo.errors import ConfigError, RestoreError, StreamGap
 from vigo.snapshots.layout import (
     GenerationInfo,
@@ -39,6 +38,7 @@ from vigo.snapshots.layout import (
 from vigo.state.apply import Applier
 from vigo.state.store import Store
 from vigo.state.stream import decode_segment
+from vigo.timefmt import iso, parse_iso
 
 log = logging.getLogger("vigo.snapshots.restore")
 
@@ -69,14 +69,14 @@ def plan_restore(target: Any, partition: str, *, to_time: float | None = None,
     elif to_time is not None:
         eligible = [g for g in gens if g.created_at <= to_time]
         if not eligible:
-            raise RestoreError(f"{_iso(to_time)} is before the oldest archived generation "
-                               f"({gens[0].generation}, created {_iso(gens[0].created_at)})")
+            raise RestoreError(f"{iso(to_time, ms=True)} is before the oldest archived generation "
+                               f"({gens[0].generation}, created {iso(gens[0].created_at, ms=True)})")
         gen = eligible[-1]
     else:
         gen = gens[-1]
     snaps = [s for s in gen.snapshots if to_time is None or s.created_at <= to_time]
     if not snaps:
-        when = f" taken at or before {_iso(to_time)}" if to_time is not None else ""
+        when = f" taken at or before {iso(to_time, ms=True)}" if to_time is not None else ""
         raise RestoreError(f"generation {gen.generation} has no snapshot{when} (restore cannot start without one)")
     snap = snaps[-1]
     return Plan(partition, gen, snap, _chain(gen, snap.index), to_time)
@@ -172,8 +172,7 @@ def restore(url: str, data_dir: Path | str, *, partition: str | None = None, to_
         fsync_path(work / "state.db")
         for suffix in ("-wal", "-shm"):
             Path(f"{final_db}{suffix}").unlink(missing_ok=True)
-        os.replace(work / "state.db", final_db)
-        fsync_path(data_dir)
+        replace_durably(work / "state.db", final_db)
         # Stream state of whatever lived here before must not survive: a new generation starts.
         shutil.rmtree(data_dir / "stream", ignore_errors=True)
         shutil.rmtree(data_dir / "archive-spool", ignore_errors=True)
@@ -185,7 +184,7 @@ def restore(url: str, data_dir: Path | str, *, partition: str | None = None, to_
     result = {
         "partition": partition, "generation": plan.generation.generation, "snapshot_index": plan.snapshot.index,
         "position": list(position) if position else None, "wal_objects": applied, "reached_at": reached_at,
-        "reached_at_iso": _iso(reached_at), "to_time": to_time, "database_bytes": size, "tree_files": trees,
+        "reached_at_iso": iso(reached_at, ms=True), "to_time": to_time, "database_bytes": size, "tree_files": trees,
         "seconds": round(seconds, 3), "mb_per_s": round(size / 1e6 / seconds, 1) if seconds else None,
         "data_dir": str(data_dir),
     }
@@ -230,20 +229,9 @@ def _materialise(data_dir: Path) -> int:
         store.close()
 
 
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
-
-
 def parse_time(text: str) -> float:
     """ISO 8601 (``2026-11-27T10:15:00Z``, with an offset, or naive = UTC) to epoch seconds."""
-    from datetime import UTC, datetime
-
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_iso(text)
     except ValueError as exc:
         raise ConfigError(f"--to-time {text!r} is not an ISO 8601 time (expected e.g. 2026-11-27T10:15:00Z)") from exc
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.timestamp()

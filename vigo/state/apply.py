@@ -23,6 +23,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vigo.durable import atomic_write, replace_durably
 from vigo.errors import CorruptSegment, NeedSnapshot, StreamGap, WalFormatError
 from vigo.state import walformat as wf
 from vigo.state.stream import Segment
@@ -67,15 +68,8 @@ class Applier:
 
     def _save(self, *, durable: bool) -> None:
         assert self.state is not None
-        tmp = self.state_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps(asdict(self.state)).encode())
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, json.dumps(asdict(self.state)).encode(), fsync=durable,
+                     tmp=self.state_path.with_suffix(".tmp"))
 
     def position(self) -> tuple[str, int, int] | None:
         return None if self.state is None else (self.state.generation, self.state.index, self.state.offset)
@@ -93,7 +87,7 @@ class Applier:
         self.forget()
         tmp = self.db_path.with_name(f".{self.db_path.name}.installing")
         if move:
-            os.replace(source, tmp)
+            os.replace(source, tmp)  # into the temp name only: the rename below is the one that counts
         else:
             shutil.copyfile(source, tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -105,7 +99,7 @@ class Applier:
         page_size = _db_page_size(header) if len(header) == 100 else 0
         for suffix in ("-wal", "-shm"):  # a stale log would be replayed over the new file
             Path(f"{self.db_path}{suffix}").unlink(missing_ok=True)
-        os.replace(tmp, self.db_path)
+        replace_durably(tmp, self.db_path)
         size = self.db_path.stat().st_size
         self.state = ApplyState(generation=generation, index=index, page_size=page_size,
                                 db_pages=size // page_size if page_size else 0, term=term, committed_at=created_at)

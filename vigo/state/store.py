@@ -30,6 +30,7 @@ from typing import Any
 
 import apsw
 
+from vigo.durable import atomic_file
 from vigo.errors import StoreError
 from vigo.state.stream import WalStream
 
@@ -259,14 +260,11 @@ def write_tree_file(data_dir: Path, tree: str, path: str, content: bytes | None,
     if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target)
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, content)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    os.replace(tmp, target)
+    # Not fsynced: the database holds the trees, and they are materialised again from it.
+    with atomic_file(target, mode=mode, fsync=False, tmp=target.with_name(f".{target.name}.tmp")) as out:
+        out.write(content)
+        out.flush()
+        os.fchmod(out.fileno(), mode)  # exactly ``mode``, whatever the umask
 
 
 def read_trees(db_path: Path) -> dict[tuple[str, str], tuple[str, bytes, int]]:

@@ -37,7 +37,7 @@ from typing import Protocol
 
 import apsw
 
-from vigo.durable import fsync_path
+from vigo.durable import atomic_file, atomic_write
 from vigo.errors import StoreError, WalFormatError
 from vigo.state import walformat as wf
 
@@ -198,18 +198,8 @@ class WalStream:
     def _save_state(self, *, durable: bool = False) -> None:
         assert self.state is not None
         self._saved_at = self.clock()
-        tmp = self._state_path.with_suffix(".tmp")
-        data = json.dumps(asdict(self.state)).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            if durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._state_path)
-        if durable:
-            fsync_path(self.state_dir)
+        atomic_write(self._state_path, json.dumps(asdict(self.state)).encode(), fsync=durable,
+                     tmp=self._state_path.with_suffix(".tmp"))
 
     def position(self) -> tuple[str, int, int] | None:
         return None if self.state is None else (self.state.generation, self.state.index, self.state.offset)
@@ -405,21 +395,15 @@ def _copy_fd(src_fd: int, dest: Path, chunk: int = 8 * 1024 * 1024) -> tuple[int
     import hashlib
 
     digest = hashlib.sha256()
-    tmp = dest.with_suffix(".tmp")
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     offset = 0
-    try:
+    with atomic_file(dest, tmp=dest.with_suffix(".tmp")) as out:
         while True:
             data = os.pread(src_fd, chunk, offset)
             if not data:
                 break
-            os.write(out, data)
+            out.write(data)
             digest.update(data)
             offset += len(data)
-        os.fsync(out)
-    finally:
-        os.close(out)
-    os.replace(tmp, dest)
     return offset, digest.hexdigest()
 
 

@@ -2,8 +2,10 @@
 
 The engine hands over the desired bytes in ``attrs["content"]`` (literal, rendered template, or
 a shipped source file, already resolved). Writes go to a temporary file in the same folder
-that gets mode and ownership first, then is renamed over the target: a reader sees the old
-file or the new one, never a half-written one with the wrong permissions.
+that gets mode and ownership first, then is renamed over the target
+(``vigo.durable.atomic_file``): a reader sees the old file or the new one, never a half-written
+one with the wrong permissions. Not fsynced, on purpose: a run may write thousands of files, a
+sync each would multiply its time, and a change lost in a crash is made again by the next run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from vigo.agent.resources._fs import Wanted, kind, lstat_or_none
 from vigo.agent.resources.base import CHANGED, FAILED, OK, Outcome, Resource, RunContext
+from vigo.durable import atomic_file
 from vigo.errors import ResourceError
 
 #: Diffs longer than this are cut; a report carries what changed, not the whole file.
@@ -122,21 +125,14 @@ def _ensure_parent(path: Path) -> list[str]:
 
 def _write_atomic(path: Path, data: bytes, wanted: Wanted, st: os.stat_result | None) -> None:
     tmp = path.with_name(f".{path.name}.vigo-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644 if st is None else stat.S_IMODE(st.st_mode))
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+    with atomic_file(path, mode=0o644 if st is None else stat.S_IMODE(st.st_mode), tmp=tmp, fsync=False) as out:
+        out.write(data)
+        out.flush()  # every byte written before owner and mode are set, as they always were
         if st is not None:
             # Keep what the policy does not manage as it was on the old file.
-            os.fchown(fd, st.st_uid if wanted.uid is None else wanted.uid, st.st_gid if wanted.gid is None else wanted.gid)
-        wanted.enforce(tmp, fd=fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+            os.fchown(out.fileno(), st.st_uid if wanted.uid is None else wanted.uid,
+                      st.st_gid if wanted.gid is None else wanted.gid)
+        wanted.enforce(tmp, fd=out.fileno())
 
 
 def _diff(old: bytes, new: bytes, name: str) -> str:

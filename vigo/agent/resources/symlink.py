@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vigo.agent.resources._fs import kind, lstat_or_none
 from vigo.agent.resources.base import CHANGED, FAILED, OK, Outcome, Resource, RunContext
+from vigo.durable import replace_durably
 
 
 class Symlink(Resource):
@@ -61,7 +62,7 @@ def _link_atomic(path: Path, target: str) -> None:
     tmp = path.with_name(f".{path.name}.vigo-tmp")
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)  # a link has no bytes to write: atomic_write does not apply, the rename does
 
 
 RESOURCE = Symlink

@@ -12,11 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-from vigo.durable import fsync_path
+from vigo.durable import OPEN_MODE, atomic_write, fsync_path
 from vigo.errors import CorruptSegment, NeedSnapshot, StreamGap
 from vigo.state.apply import Applier
 from vigo.state.store import read_trees, write_tree_file
@@ -42,9 +41,9 @@ class StandbyCore:
         self._incoming: Path = self.data_dir / "stream" / "incoming-snapshot.db"
 
     def _save_term(self) -> None:
-        tmp = self._term_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"term": self.term}))
-        os.replace(tmp, self._term_path)
+        # fsynced: a term lost in a crash would let a fenced (older) primary's stream in again.
+        atomic_write(self._term_path, json.dumps({"term": self.term}).encode(), mode=OPEN_MODE,
+                     tmp=self._term_path.with_suffix(".tmp"))
 
     def observe_term(self, term: int) -> bool:
         """Record a higher term; False if ``term`` is lower than one already seen (fenced sender)."""

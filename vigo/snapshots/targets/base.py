@@ -22,15 +22,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import BinaryIO
 
-from vigo.durable import fsync_path
 from vigo.errors import InvalidRequest
 
 #: ``progress(bytes_done, bytes_total)``; called from the calling thread, never concurrently.
@@ -233,31 +229,11 @@ def hash_stream(src: BinaryIO) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename or link in ``path`` durable (the entry lives in the directory)."""
-    fsync_path(path)
-
-
-@contextmanager
-def atomic_download(dest: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A temp file beside ``dest``; on a clean exit it is fsynced and renamed over ``dest``.
-
-    The caller writes and verifies inside the block and raises to abandon: the temp file is
-    removed and ``dest`` never sees a partial or unverified object.
-    """
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w+b") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(dest.parent)
+def conflict_message(key: str, where: str, stored: str | None, sha: str) -> str:
+    return (
+        f"cannot put {key} to {where}: it already exists with sha256 {stored}, this put has "
+        f"sha256 {sha}; archive objects are write-once"
+    )
 
 
 def corrupt_message(key: str, where: str, expected: str, got: str) -> str:

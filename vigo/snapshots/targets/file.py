@@ -9,8 +9,9 @@ unmounted volume then fails loudly instead of filling the wrong disk):
     .lock                     flock(2) held while a put commits
 
 Commit order: bytes and metadata go to temp files in the object's directory and are fsynced;
-then, under the lock, the metadata is renamed into place and the bytes are hard-linked to the
-key, and the directory is fsynced. So a visible object always has its metadata, and a crash
+then, under the lock, the metadata is renamed into place and the directory fsynced, then the
+bytes are hard-linked to the key and the directory fsynced again. So a visible object always has
+its metadata (even where a crash could keep a later entry and lose an earlier one), and a crash
 leaves at most an orphan ``.meta.json`` (which the retried put overwrites) or temp files. The
 link fails if anything already sits at the key, so an object is never overwritten, not even by
 a writer that ignores the lock. Nothing here reads modification times.
@@ -30,6 +31,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from vigo.durable import atomic_file, fsync_path, replace_durably
 from vigo.errors import (
     ConfigError,
     NotFound,
@@ -37,6 +39,7 @@ from vigo.errors import (
     ObjectCorrupt,
     TargetError,
     TargetUnavailable,
+    clipped_repr,
 )
 from vigo.snapshots.targets.base import (
     COPY_CHUNK_BYTES,
@@ -45,12 +48,11 @@ from vigo.snapshots.targets.base import (
     ObjectInfo,
     Progress,
     Target,
-    atomic_download,
     check_key,
     check_metadata,
     check_prefix,
+    conflict_message,
     corrupt_message,
-    fsync_dir,
     hash_file,
     sha256_hex,
 )
@@ -153,7 +155,8 @@ class FileTarget(Target):
                 if path.is_file():
                     self._check_same(key, path, sha)
                     return
-                os.replace(meta_tmp, _meta_path(path))
+                # Durable before the bytes appear, so a visible object always has its metadata.
+                replace_durably(meta_tmp, _meta_path(path))
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
@@ -165,8 +168,9 @@ class FileTarget(Target):
                         raise
                     # No hard links here: the existence check above, under the lock, is what
                     # keeps vigo writers from overwriting each other.
-                    os.replace(tmp, path)
-                fsync_dir(path.parent)
+                    replace_durably(tmp, path)
+                else:
+                    fsync_path(path.parent)  # a link, not a rename: its directory made durable here
         finally:
             tmp.unlink(missing_ok=True)
             meta_tmp.unlink(missing_ok=True)
@@ -175,11 +179,7 @@ class FileTarget(Target):
         """Succeed if the stored object has ``sha``, else `ObjectConflict` (write-once)."""
         stored = self._stored_sha(key, path)
         if stored != sha:
-            raise ObjectConflict(
-                f"cannot put {key} to {self.url}: it already exists with sha256 {stored}, "
-                f"this put has sha256 {sha}; archive objects are write-once",
-                key=key,
-            )
+            raise ObjectConflict(conflict_message(key, self.url, stored, sha), key=key)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -212,7 +212,7 @@ class FileTarget(Target):
                 with self._boundary(f"get {key} from", key):
                     return src.readinto(buf)
 
-            with atomic_download(path) as out:
+            with atomic_file(path) as out:
                 got = _copy(read, out.write, total, progress)
                 if got != expected:
                     raise ObjectCorrupt(corrupt_message(key, self.url, expected, got), key=key)
@@ -305,7 +305,7 @@ class FileTarget(Target):
                 current.mkdir()
             except FileExistsError:
                 continue
-            fsync_dir(parent)
+            fsync_path(parent)
 
     def _read_meta(self, key: str, path: Path) -> dict[str, str]:
         meta = _meta_path(path)
@@ -332,7 +332,7 @@ class FileTarget(Target):
         ):
             raise ObjectCorrupt(
                 f"object {key} at {self.url}: metadata file {meta.name} is not format "
-                f"{META_FORMAT} with a metadata object of strings, got {_short(doc)}",
+                f"{META_FORMAT} with a metadata object of strings, got {clipped_repr(doc)}",
                 key=key,
             )
         return metadata
@@ -395,8 +395,3 @@ def _walk_error(exc: OSError) -> None:
     # I/O) must not make a listing silently incomplete: restore and retention trust it.
     if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         raise exc
-
-
-def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -32,6 +32,7 @@ import boto3
 import botocore.config
 from botocore import exceptions as bx
 
+from vigo.durable import atomic_file
 from vigo.errors import (
     ConfigError,
     InvalidRequest,
@@ -47,10 +48,10 @@ from vigo.snapshots.targets.base import (
     ObjectInfo,
     Progress,
     Target,
-    atomic_download,
     check_key,
     check_metadata,
     check_prefix,
+    conflict_message,
     corrupt_message,
     hash_stream,
     sha256_hex,
@@ -282,11 +283,7 @@ class S3Target(Target):
             )
         stored = info["Metadata"].get(SHA256_KEY)
         if stored != sha:
-            raise ObjectConflict(
-                f"cannot put {key} to {self.describe()}: it already exists with sha256 "
-                f"{stored}, this put has sha256 {sha}; archive objects are write-once",
-                key=key,
-            )
+            raise ObjectConflict(conflict_message(key, self.describe(), stored, sha), key=key)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -311,7 +308,7 @@ class S3Target(Target):
                 raise NotFound(f"cannot get {key} from {self.describe()}: not found", key=key)
             expected = self._expected_sha(key, info["Metadata"])
             size, etag = info["ContentLength"], info["ETag"]
-            with atomic_download(path) as out:
+            with atomic_file(path) as out:
                 if size <= self._range_bytes:
                     got = self._download_whole(key, etag, out, size, progress)
                 else:
