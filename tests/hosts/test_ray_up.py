@@ -19,6 +19,8 @@ cluster and run in this order, each leaving it serving for the next:
                                              Ray's head start command on it again: vigo resumes
     test_primary_host_killed_then_promoted   switch the primary to node-2, power node-2 off,
                                              `vigocli server promote` on node-3: nothing lost
+    test_standby_host_returns_then_auto_failover  node-2 boots: Ray and its standby come back
+                                             by themselves; auto failover on, node-3 powered off
     test_ray_down_leaves_nothing             ray down, plus `ray stop` on the workers as the docs say
 
 An envoy daemon on node-5 runs every 2 s through all of it; the last test stops it and checks
@@ -406,14 +408,54 @@ def test_primary_host_killed_then_promoted(cluster: Cluster, hosts: Hosts) -> No
     wait_for("the daemon's offline runs while the primary's host is down",
              lambda: c.daemon_log().count("offline run") >= offline_before + 2, 90, diagnose=c.diagnose)
     t = time.monotonic()
-    promoted = json.loads(c.on(3, "vigocli server promote --json", timeout=120).stdout)
+    # node-3 by name, so that the next test can take its host away in turn while the head
+    # (control) stays; the default would pick whichever standby holds the newest commit.
+    promoted = json.loads(c.on(3, "vigocli server promote --standby standby-p0-node-3 --json", timeout=120).stdout)
     c.mark("primary host lost: vigocli server promote (process start to exit)", t)
-    c.marks["primary host lost: promotion inside control (total_s)"] = promoted["total_s"]
-    assert promoted["new_primary"] != "standby-p0-node-2" and not promoted["old_primary_alive"], promoted
+    c.marks["primary host lost: promote, asking the members (detect_s; a dead one costs 1.5 s)"] = promoted["detect_s"]
+    c.marks["primary host lost: promote, the standby's promotion (promotion_s)"] = promoted["promotion_s"]
+    c.marks["primary host lost: promote, whole call (total_s)"] = promoted["total_s"]
+    assert promoted["new_primary"] == "standby-p0-node-3" and not promoted["old_primary_alive"], promoted
     t_ret = time.monotonic()
     c.probe_until_online("an online check-in after the promotion", 60)
     c.mark("primary host lost: promote returned to an online check-in", t_ret)
     c.mark("primary host lost: power-off to an online check-in (operator-paced)", t_dead)
+
+
+def test_standby_host_returns_then_auto_failover(cluster: Cluster, hosts: Hosts) -> None:
+    """node-2 boots again: the head's autoscaler restarts Ray there (its raylet stopped
+    reporting), Ray restarts node-2's gateway and member, and the member, fenced at an old term,
+    comes back as a standby and catches up. Then a changed server.yaml turns automatic failover
+    on (docs/deploying.md: rsync it up, deploy), and node-3, the primary's host, is powered off:
+    control's watchdog promotes a standby with nobody at the keyboard."""
+    c = cluster
+    every = {hosts.host(i).addr for i in CLUSTER_HOSTS}
+    t = time.monotonic()
+    hosts.start(2)
+    wait_for("node-2's gateway serving and its standby in sync after it booted",
+             lambda: c.serving(every, {"standby-p0-node-2", "primary-p0"}, primary="standby-p0-node-3"),
+             240, diagnose=c.diagnose)
+    c.mark("standby host back: power-on to its gateway serving and standby in sync", t)
+
+    server_yaml = payload.server_yaml_for_test(standbys=None)
+    server_yaml["replication"].update(auto_failover=True, failover_after_s=2)
+    op_home = hosts.host(OPERATOR).home
+    (op_home / "server.yaml").write_text(yaml.safe_dump(server_yaml, sort_keys=False))
+    t = time.monotonic()
+    c.op("ray rsync-up ~/cluster.yaml ~/server.yaml ~/vigo/server.yaml 2>&1", timeout=120)
+    c.op("ray exec ~/cluster.yaml 'vigocli server deploy --config ~/vigo/server.yaml' 2>&1", timeout=300)
+    c.mark("changed server.yaml (auto_failover on): rsync-up + deploy", t)
+    wait_for("every gateway and the standbys in sync after the deploy",
+             lambda: c.serving(every, {"standby-p0-node-2", "primary-p0"}, primary="standby-p0-node-3"),
+             120, diagnose=c.diagnose)
+
+    hosts.kill(3)
+    t_dead = time.monotonic()
+    c.probe_until_online("an online check-in after the automatic failover", 120)
+    c.mark("auto failover: primary's host powered off to an online check-in (RTO)", t_dead)
+    status = wait_for("a new primary in `server status`", lambda: (st := c.status())["primary"] != "standby-p0-node-3"
+                      and st, 60, diagnose=c.diagnose)
+    assert status["primary"] in {"primary-p0", "standby-p0-node-2"}, status
 
 
 def test_ray_down_leaves_nothing(cluster: Cluster, hosts: Hosts) -> None:
@@ -434,7 +476,7 @@ def test_ray_down_leaves_nothing(cluster: Cluster, hosts: Hosts) -> None:
     ids = [r["run_id"] for r in runs]
     assert len(ids) == len(set(ids)), "a run id stored twice"
 
-    hosts.start(2)  # the dead worker's host comes back (without Ray) before the teardown
+    hosts.start(3)  # the dead worker's host comes back before the teardown
     t = time.monotonic()
     c.op("ray down -y ~/cluster.yaml 2>&1", timeout=180)
     c.mark("ray down", t)
