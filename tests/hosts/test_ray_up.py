@@ -21,6 +21,8 @@ cluster and run in this order, each leaving it serving for the next:
                                              `vigocli server promote` on node-3: nothing lost
     test_standby_host_returns_then_auto_failover  node-2 boots: Ray and its standby come back
                                              by themselves; auto failover on, node-3 powered off
+    test_head_lost_for_good_new_cluster_from_a_survivor  node-1 never returns: `vigocli server
+                                             adopt` on node-2, `ray up` a new cluster headed there
     test_ray_down_leaves_nothing             ray down, plus `ray stop` on the workers as the docs say
 
 An envoy daemon on node-5 runs every 2 s through all of it; the last test stops it and checks
@@ -458,6 +460,51 @@ def test_standby_host_returns_then_auto_failover(cluster: Cluster, hosts: Hosts)
     assert status["primary"] in {"primary-p0", "standby-p0-node-2"}, status
 
 
+def test_head_lost_for_good_new_cluster_from_a_survivor(cluster: Cluster, hosts: Hosts, wheel) -> None:
+    """The head's host never comes back: GCS, control's topology and the head's member are gone.
+    As docs/operations.md says: `ray stop` and `vigocli server adopt --check` on each survivor,
+    adopt the newest (node-2: node-3 was off since the automatic failover; in synchronous mode
+    node-2 acknowledged every report), `ray up` a cluster.yaml whose head is node-2. The
+    envoys keep their identities, flush what they queued, and nothing acknowledged is lost."""
+    c = cluster
+    hosts.kill(HEAD)
+    t_dead = time.monotonic()
+    hosts.start(3)  # back, without Ray: the new cluster's worker
+    data_dir = "/var/lib/vigo/p0"
+    checks = {}
+    for i in WORKERS:
+        c.on(i, "ray stop >/dev/null 2>&1; true", timeout=120)
+        checks[i] = json.loads(c.on(i, f"vigocli server adopt --check --json --data-dir {data_dir}").stdout)
+    assert checks[2]["complete"], checks
+    if checks[2]["committed_at"] and checks[3]["committed_at"]:
+        assert checks[2]["committed_at"] >= checks[3]["committed_at"], checks
+    adopted = json.loads(c.on(2, f"vigocli server adopt --json --data-dir {data_dir}").stdout)
+    assert adopted["term"] > max(ch["term"] for ch in checks.values()), (adopted, checks)
+    c.mark("head lost for good: power-off to a survivor adopted (operator-paced)", t_dead)
+
+    new_head, new_workers = hosts.host(2), [hosts.host(3)]
+    op_home = hosts.host(OPERATOR).home
+    (op_home / "server.yaml").write_text(
+        yaml.safe_dump(payload.server_yaml_for_test(standbys=[w.name for w in new_workers]), sort_keys=False))
+    config = payload.cluster_config(new_head, new_workers, key_path=KEY, dist_dir=wheel.parent,
+                                    server_yaml="~/server.yaml")
+    (op_home / "cluster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for path in (op_home / "cluster.yaml", op_home / "server.yaml"):
+        os.chown(path, UID, UID)
+    c.head, c.workers, c.dashboard = new_head, new_workers, f"http://{new_head.addr}:8265"
+    t = time.monotonic()
+    up = c.op("ray up -y ~/cluster.yaml 2>&1", timeout=420, check=False)
+    assert up.returncode == 0, f"ray up of the new cluster failed:\n{clean(up.stdout)}\n{c.diagnose()}"
+    status = wait_for("the new cluster serving from the adopted data dir",
+                      lambda: c.serving({new_head.addr, *(w.addr for w in new_workers)}, {"standby-p0-node-3"},
+                                        primary="primary-p0"), 300, diagnose=c.diagnose)
+    c.mark("head lost for good: ray up of the new cluster to serving", t)
+    assert status["ca_fingerprint"] == c.fingerprint and status["term"] == adopted["term"], status
+    assert status["envoys"] == len(ENVOYS), status
+    c.probe_until_online("an online check-in on the new cluster", 120)
+    c.mark("head lost for good: power-off to an online check-in (operator-paced)", t_dead)
+
+
 def test_ray_down_leaves_nothing(cluster: Cluster, hosts: Hosts) -> None:
     """Stop the daemon, flush what it queued: the server holds each of its runs exactly once.
     Then ray down and `ray stop` on each worker (docs/deploying.md): no Ray process anywhere."""
@@ -476,7 +523,6 @@ def test_ray_down_leaves_nothing(cluster: Cluster, hosts: Hosts) -> None:
     ids = [r["run_id"] for r in runs]
     assert len(ids) == len(set(ids)), "a run id stored twice"
 
-    hosts.start(3)  # the dead worker's host comes back before the teardown
     t = time.monotonic()
     c.op("ray down -y ~/cluster.yaml 2>&1", timeout=180)
     c.mark("ray down", t)
@@ -485,17 +531,18 @@ def test_ray_down_leaves_nothing(cluster: Cluster, hosts: Hosts) -> None:
         return [p for p in hosts.processes(i)
                 if RAY_PROCESS.search(args := p.split(None, 2)[2]) and not args.startswith("sshd")]
 
-    assert wait_for("no Ray process on the head", lambda: not leftovers(HEAD) or None, 30, every_s=1,
-                    diagnose=lambda: "\n".join(leftovers(HEAD))) is True
+    head, workers = c.head.index, [w.index for w in c.workers]
+    assert wait_for("no Ray process on the head", lambda: not leftovers(head) or None, 30, every_s=1,
+                    diagnose=lambda: "\n".join(leftovers(head))) is True
     # `ray down` with provider `local` stops the head only (Ray's teardown_cluster); the
     # workers' raylets would wait RAY_gcs_rpc_server_reconnect_timeout_s for it. The docs say
     # to `ray stop` each worker, as here.
     ssh = f"ssh -i {KEY} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
     stops = " & ".join(f"{ssh} vigo@{hosts.host(i).addr} '~/vigo/venv/bin/ray stop' >/dev/null 2>&1"
-                       for i in WORKERS)
+                       for i in workers)
     t = time.monotonic()
     c.op(f"{stops} & wait", timeout=120)
     c.mark("ray stop on the workers", t)
-    for i in WORKERS:
+    for i in workers:
         assert wait_for(f"no Ray process on {hosts.host(i)}", lambda i=i: not leftovers(i) or None, 30, every_s=1,
                         diagnose=lambda i=i: "\n".join(leftovers(i))) is True

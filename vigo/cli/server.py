@@ -393,6 +393,39 @@ def promote_cmd(
     ]))
 
 
+@app.command("adopt")
+def adopt_cmd(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="the surviving member's data dir (data_dir in server.yaml, e.g. /var/lib/vigo/p0)")],
+    check: Annotated[bool, typer.Option("--check", help="only say what the data dir holds (role, position, term, newest commit); change nothing")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Make a surviving member's data dir the start of a new cluster, when the Ray head's host
+    is lost for good (docs/operations.md, "The head's host, lost for good"). Works offline: stop
+    Ray on this host first (`ray stop`). Run with --check on every survivor and adopt the one
+    holding the newest commit (in synchronous mode it holds every acknowledged report). It
+    checks the database (size, PRAGMA integrity_check), raises the term above every term seen
+    and removes the replication state; then `ray up` a cluster.yaml whose head is this host:
+    the primary starts on this data dir, envoys keep their identities and flush their queues.
+    Exit 2 when the dir is not a complete copy (nothing changed)."""
+    from vigo.server.peer.adopt import adopt, inspect
+
+    result = inspect(data_dir) if check else adopt(data_dir)
+    if as_json:
+        output.emit_json(result)
+        return
+    rows = [("data dir", result["data_dir"]),
+            ("role", result["role"] if check else f"primary of a new cluster (was {result['was']})"),
+            ("position", _pos_text(result["position"])),
+            ("newest commit", result["committed_at_iso"] or "unknown (a primary's dir: see its position)"),
+            ("term", str(result["term"]) if check else f"{result['term']} (was {result['term_before']})"),
+            ("database", f"{result['database_bytes']:,} bytes")]
+    if check and not result["complete"]:
+        rows.append(("complete", "no: a standby between snapshots; adopt another survivor"))
+    typer.echo(output.kv(rows))
+    if not check:
+        typer.echo("next: `ray up` a cluster.yaml whose head is this host (docs/operations.md)")
+
+
 def _pos_text(pos: list | None) -> str:
     if not pos:
         return "nothing"

@@ -167,7 +167,7 @@ def restore(url: str, data_dir: Path | str, *, partition: str | None = None, to_
                     break
             for fut in futures:
                 fut.cancel()
-        _check_database(work / "state.db", applier)
+        check_database(work / "state.db", applier)
         position = applier.position()
         fsync_path(work / "state.db")
         for suffix in ("-wal", "-shm"):
@@ -201,7 +201,9 @@ def _only_partition(target: Any) -> str:
     raise RestoreError(f"{target.url} holds several partitions ({', '.join(names)}): pass --partition")
 
 
-def _check_database(path: Path, applier: Applier) -> None:
+def check_database(path: Path, applier: Applier) -> None:
+    """A database written by the applier: its size matches the last applied commit and
+    ``PRAGMA integrity_check`` passes; RestoreError naming what is wrong otherwise."""
     import apsw
 
     st = applier.state
