@@ -276,7 +276,9 @@ def test_cluster_serves(cluster: Cluster, hosts: Hosts, wheel) -> None:
         h = hosts.host(i)
         hosts.run(h, "mkdir -p /var/lib/vigo-envoy/traits.d && echo 'roles: [web]' > /var/lib/vigo-envoy/traits.d/roles.yaml",
                   user="root")
-        joined = hosts.run(h, f"{HOST_VENV}/bin/vigo-envoy join --server {head.addr}:7700 "
+        # Every gateway's address, as docs/envoy.md advises: an envoy knows only what join was given.
+        servers = " ".join(f"--server {hosts.host(g).addr}:7700" for g in CLUSTER_HOSTS)
+        joined = hosts.run(h, f"{HOST_VENV}/bin/vigo-envoy join {servers} "
                               f"--token {shlex.quote(token)} --ca-fingerprint {c.fingerprint} {ENVOY_DIRS} --json",
                            user="root", timeout=120)
         c.envoy_ids[i] = json.loads(joined.stdout)["envoy_id"]

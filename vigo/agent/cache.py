@@ -17,7 +17,8 @@ as ``vigo-envoy status`` never block it.
 
 The queue is bounded by bytes (``queue_max_bytes``). Past the bound, the oldest reports are
 folded into one *summary* record at the head of the queue that keeps their count, status
-totals and time range, so a long outage costs detail, never the fact that runs happened.
+totals and time range, so a long outage costs detail, never the fact that runs happened (the
+records and their counting: vigo/agent/queuefold.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import struct
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import lmdb
 import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from vigo.agent.queuefold import SUMMARY, QueueStats, fold, merge_summaries, tally
 from vigo.errors import (
     BundleError,
     BundleRefusedError,
@@ -51,7 +52,6 @@ log = logging.getLogger("vigo.agent.cache")
 DEFAULT_MAP_SIZE_BYTES = 1 << 30
 #: Default bound on queued report bytes before the oldest are folded into a summary.
 DEFAULT_QUEUE_MAX_BYTES = 64 * 1024 * 1024
-SUMMARY = "summary"
 
 _DBS = ("meta", "bundles", "traits", "queue", "runs", "quarantine")
 _SEQ = struct.Struct(">Q")
@@ -63,20 +63,6 @@ def _pack(obj: Any) -> bytes:
 
 def _unpack(raw: bytes) -> Any:
     return msgpack.unpackb(raw, raw=False)
-
-
-@dataclass
-class QueueStats:
-    entries: int
-    runs: int  # reports represented, summaries counted by what they fold
-    bytes: int
-    oldest_started_at: float | None
-    newest_started_at: float | None
-    summarized_runs: int
-    offline_runs: int = 0  # runs made without a server (checkin's offline_runs)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 class Cache:
@@ -424,9 +410,9 @@ class Cache:
             if entry is not None and not isinstance(entry, dict):
                 self._quarantine_later.append(("queue", key, raw, "queue entry is not a map"))
             if isinstance(entry, dict) and entry.get("kind") == SUMMARY:
-                summary = entry if summary is None else _merge_summaries(summary, entry)
+                summary = entry if summary is None else merge_summaries(summary, entry)
             elif isinstance(entry, dict):
-                summary = _fold(summary, entry)
+                summary = fold(summary, entry)
                 folded += 1
             if isinstance(entry, dict):
                 txn.delete(str(entry.get("run_id", "")).encode(), db=runs)
@@ -502,34 +488,8 @@ class Cache:
         return True
 
     def queue_stats(self) -> QueueStats:
-        entries = runs = size = summarized = offline = 0
-        oldest = newest = None
         with self.env.begin() as txn:
-            for _key, raw in txn.cursor(db=self._db["queue"]):
-                entries += 1
-                size += len(raw)
-                try:
-                    entry = _unpack(raw)
-                except Exception:
-                    continue  # counted as an entry; pending()/check() quarantine it
-                if not isinstance(entry, dict):
-                    continue  # likewise
-                if entry.get("kind") == SUMMARY:
-                    count = entry.get("count")
-                    count = count if isinstance(count, int) else 0
-                    runs += count
-                    summarized += count
-                    folded_offline = entry.get("offline")
-                    offline += folded_offline if isinstance(folded_offline, int) else 0
-                    first, last = entry.get("first_started_at"), entry.get("last_started_at")
-                else:
-                    runs += 1
-                    offline += 1 if entry.get("offline") else 0
-                    first = last = entry.get("started_at")
-                if first is not None:
-                    oldest = first if oldest is None else min(oldest, first)
-                    newest = last if newest is None else max(newest, last)
-        return QueueStats(entries, runs, size, oldest, newest, summarized, offline)
+            return tally((len(raw), _decoded(raw)) for _key, raw in txn.cursor(db=self._db["queue"]))
 
     # --- inspection -------------------------------------------------------------------
 
@@ -585,6 +545,14 @@ def _key_text(db: str, key: bytes) -> str:
     return key.decode(errors="replace")
 
 
+def _decoded(raw: bytes) -> Any:
+    """A value, or None when it does not decode (counted, not quarantined, by queue_stats)."""
+    try:
+        return _unpack(raw)
+    except Exception:
+        return None
+
+
 def _packed_size(obj: Any) -> int:
     return 0 if obj is None else len(_pack(obj))
 
@@ -620,46 +588,6 @@ def _check_not_older(bundle: Bundle, high_serial: int, high_term: int, current: 
             f"refusing bundle {bundle.version} serial {bundle.serial}: serial {bundle.serial} was "
             f"already accepted with different content ({current.get('version')}); rebuild with a higher serial"
         )
-
-
-def _fold(summary: dict[str, Any] | None, report: dict[str, Any]) -> dict[str, Any]:
-    started = report.get("started_at") or 0.0
-    counts = report.get("counts") or {}
-    if summary is None:
-        summary = {
-            "kind": SUMMARY,
-            "run_id": f"summary-{uuid.uuid4().hex}",
-            "envoy_id": report.get("envoy_id"),
-            "count": 0,
-            "offline": 0,
-            "first_started_at": started,
-            "last_started_at": started,
-            "counts": {},
-            "bundle_versions": [],
-        }
-    summary["count"] += 1
-    summary["offline"] += 1 if report.get("offline") else 0
-    summary["first_started_at"] = min(summary["first_started_at"], started)
-    summary["last_started_at"] = max(summary["last_started_at"], started)
-    for status, n in counts.items():
-        summary["counts"][status] = summary["counts"].get(status, 0) + n
-    version = report.get("bundle_version")
-    if version and version not in summary["bundle_versions"]:
-        summary["bundle_versions"].append(version)
-    return summary
-
-
-def _merge_summaries(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(a)
-    merged["count"] = a["count"] + b["count"]
-    merged["offline"] = a.get("offline", 0) + b.get("offline", 0)
-    merged["first_started_at"] = min(a["first_started_at"], b["first_started_at"])
-    merged["last_started_at"] = max(a["last_started_at"], b["last_started_at"])
-    merged["counts"] = dict(a["counts"])
-    for status, n in b["counts"].items():
-        merged["counts"][status] = merged["counts"].get(status, 0) + n
-    merged["bundle_versions"] = list(dict.fromkeys([*a["bundle_versions"], *b["bundle_versions"]]))
-    return merged
 
 
 def state_dir_default() -> Path:

@@ -2,7 +2,7 @@
 
 `create` runs on the server (the admin channel carries a key derived here, never the
 passphrase); `list`, `verify` and `restore` run here, on files or file:// / s3:// URLs, and need
-no server. The unit format is described in vigo/snapshots/backup.py.
+no server. The unit format is described in vigo/snapshots/backupformat.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every encrypted byte vigo writes goes through :class:`Sealer`: the envoy's secrets at rest in
 its cache (key ``STATE_DIR/seal.key``), the server's named secrets (``vigo.server.secrets``,
 which adds a version byte in front), and the records of a backup unit
-(``vigo.snapshots.backup``, which frames them with a length). One place makes nonces, so one
+(``vigo.snapshots.backupformat``, which frames them with a length). One place makes nonces, so one
 place has to be right about them.
 
 A sealed blob is ``nonce (12) | ciphertext+tag``. The associated data binds it to its purpose,
