@@ -12,6 +12,7 @@ the envoy, can share one copy.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 from collections.abc import Iterator
@@ -82,3 +83,16 @@ def atomic_write(
     """Replace ``path`` with ``data`` whole, or not at all (``atomic_file``, same arguments)."""
     with atomic_file(path, mode=mode, fsync=fsync, tmp=tmp) as out:
         out.write(data)
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created 0600 if missing) for the block. flock
+    conflicts between separate opens even in one process, so threads are covered too; the lock
+    goes with the file descriptor, so a crashed holder never leaves it taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -50,3 +50,23 @@ def test_replace_durably_renames(tmp_path):
     (tmp_path / "a").write_bytes(b"a")
     durable.replace_durably(tmp_path / "a", tmp_path / "b")
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_exclusive_lock_holds_off_a_second_holder_until_released(tmp_path):
+    import threading
+
+    from vigo.durable import exclusive_lock
+
+    got = threading.Event()
+
+    def second() -> None:
+        with exclusive_lock(tmp_path / "lock"):
+            got.set()
+
+    with exclusive_lock(tmp_path / "lock"):
+        t = threading.Thread(target=second)
+        t.start()
+        assert not got.wait(0.3)  # waiting on the flock while the first holds it
+    assert got.wait(5)
+    t.join(5)
+    assert oct((tmp_path / "lock").stat().st_mode & 0o777) == "0o600"

@@ -29,7 +29,6 @@ Nothing here talks to the network; ``vigo.agent.join`` asks for the certificate.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from vigo.durable import atomic_write, fsync_path, replace_durably
+from vigo.durable import atomic_write, exclusive_lock, fsync_path, replace_durably
 from vigo.errors import AdmissionError
 from vigo.timefmt import iso
 
@@ -255,12 +254,8 @@ def _read(path: Path) -> bytes | None:
 def _writer_lock(state_dir: Path) -> Iterator[None]:
     """Writers one at a time (a daemon's renewal and a `run --once` renewal, say). Held for
     file writes only (milliseconds), never across the network, so waiting for it is fine."""
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(state_dir / LOCK_FILE):
         yield
-    finally:
-        os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

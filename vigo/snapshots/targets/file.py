@@ -20,7 +20,6 @@ a writer that ignores the lock. Nothing here reads modification times.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from vigo.durable import atomic_file, fsync_path, replace_durably
+from vigo.durable import atomic_file, exclusive_lock, fsync_path, replace_durably
 from vigo.errors import (
     ConfigError,
     NotFound,
@@ -347,13 +346,8 @@ class FileTarget(Target):
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
-        # flock conflicts between separate open()s even in one process, so threads are covered.
-        fd = os.open(self._root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with exclusive_lock(self._root / LOCK_NAME):
             yield
-        finally:
-            os.close(fd)
 
     @contextmanager
     def _boundary(self, what: str, key: str | None) -> Iterator[None]:
