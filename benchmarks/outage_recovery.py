@@ -11,7 +11,7 @@ on the same data dir and ports, exactly as an operator would; never ``ray stop``
 Envoys: ``--envoys`` in-process asyncio envoys in this one process (500 daemon processes would
 not fit a small machine), each running the daemon's real connection code
 (``vigo.agent.link.Link``: TLS, check-in, reconnect backoff with full jitter, the paced flush
-of ``vigo.agent.session.flush``) over its own state dir, certificate (a real join) and LMDB
+of ``vigo.agent.flush.flush``) over its own state dir, certificate (a real join) and LMDB
 cache. The caches share one cache thread (each cache is only ever used from it).
 
 1. start the server, push a one-file stack (into the dev server's stack folder, so a restart

@@ -1,7 +1,7 @@
 """When to try again: exponential backoff, with full jitter by default, and a server-given floor.
 
 One implementation for every retrier in vigo: the envoy's reconnects and flush retries
-(vigo/agent/link.py, session.py, daemon.py; their pacing rules are vigo/agent/backoff.py's),
+(vigo/agent/link.py, flush.py, daemon.py; their pacing rules are vigo/agent/backoff.py's),
 the archiver's uploads (vigo/snapshots/archiver.py), and the start-up retries of the member and
 gateway actors. A bottom-layer module (standard library only). Everything here is arithmetic on
 numbers given to it: the random source and the clock are parameters (``random.Random`` and a

@@ -3,8 +3,10 @@
 A thin shell over plain cores: ``vigo.server.partition.Partition`` when primary,
 ``vigo.server.peer.standby.StandbyCore`` when standby,
 ``vigo.server.peer.replication.ReplicationLog`` for the standbys a primary feeds, and
-``vigo.server.spanner.bolt.BoltCore`` when the partition is a spanner bolt. Every Ray call goes
-through the runtime (vigo.actors.runtime).
+``vigo.server.spanner.bolt.BoltCore`` when the partition is a spanner bolt; what it does with
+them that needs no other actor (which role a route gives, the data dir in each role, the upkeep
+steps, what it reports) is ``vigo.server.peer.roles``. Every Ray call goes through the runtime
+(vigo.actors.runtime).
 
 The role is not fixed at birth: the control actor's topology decides it at every start (a
 restarted old primary whose partition moved on comes back as a standby), ``promote`` turns a
@@ -32,7 +34,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -40,10 +41,10 @@ from typing import Any
 
 from vigo import config as config_mod
 from vigo.actors.runtime import RAY, Runtime
-from vigo.durable import replace_durably
 from vigo.errors import NotPrimaryError, ProtocolError, RosterError, VigoError
 from vigo.retry import Backoff
 from vigo.server.partition import Partition, error_of
+from vigo.server.peer import roles
 from vigo.server.peer.replication import ReplicationLog, Work
 from vigo.server.peer.standby import StandbyCore
 from vigo.server.spanner.bolt import BoltCore, bolt_name
@@ -163,12 +164,7 @@ class Member:
                 self._stop.wait(wait)
 
     def _take_role(self, route: dict[str, Any] | None) -> None:
-        role = self._birth_role
-        if route and route.get("primary") not in (None, self.name):
-            role = "standby"  # the partition moved on while this member was away: it follows now
-        elif route and route.get("primary") == self.name:
-            role = "primary"
-        if role == "primary":
+        if roles.role_for(self._birth_role, self.name, route) == "primary":
             self._become_primary(standbys=(route or {}).get("standbys"))
         else:
             self._become_standby(f"started as standby (primary: {(route or {}).get('primary', 'unknown')})")
@@ -184,17 +180,12 @@ class Member:
 
     def _become_primary(self, *, standbys: list[str] | None = None, term: int | None = None) -> None:
         data_dir = Path(self.data_dir)
-        if self.standby is not None or term is not None:
-            # A promoted standby: its stream starts a new generation (nothing it applied can be
-            # proven to continue a log it did not write), and no applier state may linger.
-            shutil.rmtree(data_dir / "stream", ignore_errors=True)
+        if self.standby is not None or term is not None:  # promoted
+            roles.start_new_generation(data_dir)
         self.standby = None
-        names = [s for s in (standbys if standbys is not None else self._configured_standbys(self.cfg))
+        names = [s for s in (standbys if standbys is not None else roles.configured_standbys(self.cfg))
                  if s != self.name]
-        rlog = None
-        if names:
-            rcfg = self.cfg.replication if self.cfg else None
-            rlog = ReplicationLog(names, max_lag_bytes=rcfg.max_lag_bytes if rcfg else 64 << 20)
+        rlog = roles.replication_log(names, self.cfg)
         self.partition = Partition(data_dir, self.cfg, stream_consumers=[rlog] if rlog else None)
         if term is not None and term > self.partition.term:
             self.partition.set_term(term)
@@ -224,10 +215,6 @@ class Member:
         threading.Thread(target=self._roster_loop, args=(self.bolt, [b for b in bolts if b != me],
                                                          self._roster_stop), name="vigo-roster", daemon=True).start()
 
-    @staticmethod
-    def _configured_standbys(cfg: config_mod.ServerConfig | None) -> list[str]:
-        return [f"standby-{cfg.partition}-{host}" for host in cfg.replication.standbys] if cfg else []
-
     def _become_standby(self, reason: str) -> None:
         self._sender_stop.set()
         if self.bolt is not None:
@@ -238,16 +225,10 @@ class Member:
             self.partition.close()
             self.partition = None
         data_dir = Path(self.data_dir)
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (data_dir / "stream" / "state.json").unlink(missing_ok=True)
+        roles.prepare_standby_dir(data_dir)
         self.standby = StandbyCore(data_dir, self.name)
-        if self.standby.applier.state is None and (data_dir / "state.db").exists():
-            # A former primary: whatever it wrote after the fork is not in the new primary's
-            # history. Kept aside for the operator, never served.
-            aside = data_dir / f"state.db.fenced-{int(time.time())}"
-            replace_durably(data_dir / "state.db", aside)
-            for suffix in ("-wal", "-shm"):
-                Path(f"{data_dir / 'state.db'}{suffix}").unlink(missing_ok=True)
+        aside = roles.set_aside_fenced_database(data_dir, self.standby)
+        if aside is not None:
             log.warning("%s: its database (possibly with writes after the fork) is set aside as %s; "
                         "resynchronising from the primary", self.name, aside)
         log.info("%s is a standby of %s: %s", self.name, self.partition_name, reason)
@@ -272,15 +253,7 @@ class Member:
         with self._lock:
             partition, bolt, rlog = self.partition, self.bolt, self.replication
             if partition is not None:
-                steps = partition.upkeep_steps()
-                if bolt is not None:
-                    steps.append(("roster save", bolt.save))
-                if rlog is not None:
-                    def standby_snapshot() -> None:
-                        if rlog.snapshot_wanted:
-                            partition.store.stream.snapshot()
-                    steps.append(("snapshot for the standbys", standby_snapshot))
-                self._run_guarded(steps)
+                self._run_guarded(roles.upkeep_steps(partition, bolt, rlog))
         self._run_guarded([("metrics export", self._export_lag)])
 
     def _run_guarded(self, steps: list[tuple[str, Any]]) -> None:
@@ -415,16 +388,7 @@ class Member:
 
     @_serialised
     def bolt_info(self) -> dict[str, Any]:
-        if self.bolt is None:
-            return {"name": self.name, "bolt": False}
-        info = self.bolt.stats()
-        info["name"] = self.bolt.name
-        info["member"] = self.name
-        info["standbys"] = self.replication_status()["standbys"]
-        info["bundle_serial"] = self.partition.current_serial()
-        info["envoys_here"] = self.partition.store.one("SELECT COUNT(*) FROM envoys")[0]
-        info["runs_here"] = self.partition.store.one("SELECT COUNT(*) FROM runs")[0]
-        return info
+        return roles.bolt_info(self.name, self.bolt, self.partition, self.replication)
 
     @_serialised
     def fleet_material(self) -> dict[str, bytes]:
@@ -452,14 +416,7 @@ class Member:
         """In synchronous mode, None once a standby holds ``position`` (everything the caller
         committed), else why the caller must not be told its write is safe. Called without the
         member lock: other batches go on while this one waits for its standby."""
-        p, rlog = self.partition, self.replication
-        if p is None or rlog is None or p.cfg.replication.sync_standbys < 1:
-            return None
-        need = p.cfg.replication.sync_standbys
-        if rlog.wait_acked(position, need, p.cfg.replication.sync_timeout_s):
-            return None
-        return (f"committed on the primary but not yet confirmed by {need} standby within "
-                f"{p.cfg.replication.sync_timeout_s:.1f} s (synchronous replication); resend")
+        return roles.unconfirmed(self.partition, self.replication, position)
 
     def _position(self) -> tuple[str, int, int] | None:
         return self.partition.store.stream.position() if self.partition is not None else None
@@ -557,20 +514,7 @@ class Member:
     # --- the replication API (what the primary and `server promote` call) -------------------------
 
     def member_info(self) -> dict[str, Any]:
-        if self.partition is not None:
-            stream = self.partition.store.stream
-            pos = stream.position()
-            return {"name": self.name, "role": "primary", "term": self.partition.term, "pid": os.getpid(),
-                    "position": list(pos) if pos else None,
-                    "committed_at": self.replication.head_at if self.replication else None}
-        core = self.standby
-        if core is None:  # the start thread has not taken a role yet (or is between roles)
-            return {"name": self.name, "role": "starting", "term": 0, "pid": os.getpid(), "position": None,
-                    "committed_at": None}
-        st = core.applier.state
-        return {"name": self.name, "role": "standby", "term": core.term, "pid": os.getpid(),
-                "position": list(core.applier.position()) if st else None,
-                "committed_at": st.committed_at if st else None}
+        return roles.member_info(self.name, os.getpid(), self.partition, self.replication, self.standby)
 
     @_serialised
     def standby_position(self) -> dict[str, Any]:
@@ -641,12 +585,7 @@ class Member:
         return info
 
     def replication_status(self) -> dict[str, Any]:
-        if self.replication is None:
-            return {"mode": "none", "standbys": []}
-        cfg = self.partition.cfg.replication
-        return {"mode": "synchronous" if cfg.sync_standbys else "asynchronous",
-                "head": list(self.replication.head) if self.replication.head else None,
-                "standbys": self.replication.status()}
+        return roles.replication_status(self.partition, self.replication)
 
     def __repr__(self) -> str:
         if getattr(self, "partition", None) is not None:

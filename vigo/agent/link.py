@@ -11,7 +11,7 @@
                 next one presents the new. A lapsed certificate is not tried on the network:
                 one line says to re-join, runs go on from the cache.
     flusher     part of the Link: after every run and after every (re)connect, sends the
-                queue with ``session.flush(paced=True)`` (one batch in flight, paced by the
+                queue with ``flush.flush(paced=True)`` (one batch in flight, paced by the
                 server's answer time, a random delay within the flush splay after a reconnect,
                 retry-after honoured); only acknowledged run ids leave the queue.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vigo.agent import backoff as bo
-from vigo.agent import runner, session, traits
+from vigo.agent import flush, runner, session, traits
 from vigo.agent.config import DEFAULT_SPLAY_S, EnvoyConfig
 from vigo.agent.join import try_renew
 from vigo.agent.session import CacheCall
@@ -378,13 +378,13 @@ class Link:
                     await session.nap(delay, self.stop_event)
                     if self.client is not client:
                         continue
-                stats = await session.flush(client, self.cache, paced=True, rng=self.rng, stop=self.stop_event)
+                stats = await flush.flush(client, self.cache, paced=True, rng=self.rng, stop=self.stop_event)
                 self.counters.acked += stats.acked
                 self.counters.flushes += 1
                 self.counters.errors.update(stats.errors)
                 self._flush_retry.reset()
                 if self.persist and stats.batches:
-                    await self.cache(lambda c, s=client.server, n=stats.acked: session.record_flush(c, s, n))
+                    await self.cache(lambda c, s=client.server, n=stats.acked: flush.record_flush(c, s, n))
             except UnavailableError as exc:
                 self.counters.errors[exc.code] += 1
                 log.warning("flush to %s stopped (%s); the rest stays queued and is sent after reconnecting",

@@ -16,8 +16,9 @@ import logging
 from typing import Any
 
 from vigo.agent import runner, traits
+from vigo.agent.flush import flush, record_flush
 from vigo.agent.join import try_renew
-from vigo.agent.session import check_in_round, direct, flush, prepare, record_flush
+from vigo.agent.session import check_in_round, direct, prepare
 from vigo.errors import BundleError, ServerError, TransportError
 
 log = logging.getLogger("vigo.agent.once")
