@@ -42,11 +42,13 @@ def run(*args: Any, check: int | None = 0, env: dict | None = None, stdin: str |
 @contextmanager
 def dev_server(data: Path, *extra: Any, env: dict | None = None, gateway_port: int | None = None) -> Iterator[dict]:
     """Start a dev server on ``data`` (``extra``: more `server start` options); yields its
-    `--json` answer plus ``env`` (VIGO_ADDRESS for vigocli) and ``data``."""
+    `--json` answer plus ``env`` (VIGO_ADDRESS for vigocli) and ``data``. Its web console
+    listens on a free port too (its URL is the answer's ``console``)."""
     dash, ray_port, gw_port = free_port(), free_port(), gateway_port or free_port()
     env = {**(env or {}), "VIGO_ADDRESS": f"http://127.0.0.1:{dash}"}
+    console = () if "--console-port" in map(str, extra) else ("--console-port", free_port())
     started = run("vigocli", "server", "start", "--dev", "--data-dir", data, "--dashboard-port", dash,
-                  "--ray-port", ray_port, "--port", gw_port, *extra, "--json", env=env, check=None)
+                  "--ray-port", ray_port, "--port", gw_port, *console, *extra, "--json", env=env, check=None)
     try:
         assert started.returncode == 0, started.stderr
         yield {**json.loads(started.stdout), "env": env, "data": data, "port": gw_port}

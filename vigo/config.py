@@ -141,6 +141,17 @@ class SpannerConfig:
 
 
 @dataclass
+class ConsoleConfig:
+    #: Run the web console (one actor, on control's host) with the deployment (docs/console.md).
+    enabled: bool = True
+    #: TCP port of the console (HTTPS, a certificate from the fleet CA). It binds ``listen.host``.
+    port: int = field(7780, min=1, max=65535)
+    #: How long a console login lasts before the cluster token is asked for again, s (8 h: a
+    #: working day; the cookie carries the same expiry).
+    session_ttl_s: float = field(8 * 3600.0, min=60, max=7 * 86400)
+
+
+@dataclass
 class ServerConfig:
     #: Partition name this server serves (spanner and replication add more later).
     partition: str = "p0"
@@ -154,6 +165,7 @@ class ServerConfig:
     archive: ArchiveConfig = section(ArchiveConfig)
     replication: ReplicationConfig = section(ReplicationConfig)
     spanner: SpannerConfig = section(SpannerConfig)
+    console: ConsoleConfig = section(ConsoleConfig)
 
     @classmethod
     def default(cls) -> ServerConfig:

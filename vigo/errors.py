@@ -65,7 +65,9 @@ module of vigo defines an exception class (tests/unit/test_errors.py keeps it so
     │   └── UnavailableError                    not reachable, connection lost, timed out, or told to
     │       │                                   retry later (overloaded, unavailable)
     │       └── ConnectError                    no connection was made: the request was certainly not sent
-    └── AdminAuthError                          admin request without a valid Ray cluster token (exit 4)
+    ├── AdminAuthError                          admin request without a valid Ray cluster token (exit 4)
+    └── ConsoleRefusal                          a web console request answered with an HTTP error (.status)
+        └── BadQueryError(ValueError)           a query string or path the console refuses (HTTP 400)
 
 Wire error codes (docs/protocol.md, "Error codes") map to classes in both directions here and
 nowhere else: a server answers an error of ours with ``code_of(exc)`` (the class's ``code``,
@@ -394,6 +396,22 @@ class AdminAuthError(VigoError):
     """An admin request without a valid Ray cluster token."""
 
     exit_code = 4
+
+
+class ConsoleRefusal(VigoError):
+    """A web console request answered with HTTP ``status`` and this message (vigo/console)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class BadQueryError(ConsoleRefusal, ValueError):
+    """A query string or path the console refuses: HTTP 400 with what was wrong."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400, message)
 
 
 # --- wire error codes ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from tests.raycluster import SimCluster, join_envoy, run_envoy_once
+from tests.raycluster import SimCluster, envoy_status, join_envoy, run_envoy_once
 from tests.serverharness import stack_files
 from vigo.actors.control import NODE_POLL_S
 from vigo.actors.deploy import deploy, teardown
@@ -140,6 +140,31 @@ def test_2_a_node_that_joins_gets_its_standby_and_gateway_without_a_deploy(sim):
     assert placement["pending"] == [] and {"gateway-b", "standby-p0-b"} <= {p["name"] for p in placement["placed"]}
 
 
+def test_2b_envoys_learn_every_gateway_and_status_shows_each_ones_node_and_connections(sim, tmp_path):
+    """Issue 19: a check-in answer lists every gateway control knows alive (b's included,
+    placed by control), so an envoy joined through one learns them all; `server status` gives
+    each gateway's node, since when it serves and its connections."""
+    names = ["gateway-a", "gateway-b", "gateway-head"]
+    endpoints = sorted(status(n)["advertise"] for n in names)
+    assert sorted(ray.get(sim.control().gateway_endpoints.remote(), timeout=30)) == endpoints
+    token = sim.admin("token.create", {"uses": 1})["token"]
+    envoy = join_envoy(tmp_path / "learner", f"127.0.0.11:{sim.port}", token)
+
+    def learned() -> list[str] | None:
+        assert run_envoy_once(envoy)["exit_code"] == 0
+        got = sorted((envoy_status(envoy).get("gateways") or {}).get("list") or [])
+        return got if got == endpoints else None
+
+    sim.wait("the envoy's list naming every gateway", learned, timeout_s=30, every_s=1)  # gateways re-read every 2 s
+    assert envoy_status(envoy)["servers"] == [f"127.0.0.11:{sim.port}"]  # joined with one
+    view = sim.gateway_admin("status")["placement"]["gateways"]
+    assert sorted(view) == names
+    for name in names:
+        g = view[name]
+        assert g["listed"] is True and g["state"] == "serving" and isinstance(g["connections"], int), g
+        assert g["serving_since"] and g["node"], g
+
+
 def test_3_a_gateway_restarted_before_control_comes_back_and_serves(sim, tmp_path):
     token = sim.admin("token.create", {"uses": 2})["token"]
     envoy = join_envoy(tmp_path / "e1", f"127.0.0.11:{sim.port}", token)
@@ -218,9 +243,12 @@ def test_4_redeploys_apply_changes_one_actor_at_a_time(sim):
 
 
 def test_4b_a_node_away_during_a_deploy_gets_the_new_settings_when_it_returns(sim):
+    gateway_b = status("gateway-b")["advertise"]
     sim.kill_host("b")
     sim.wait("b gone", lambda: "b" not in ray.get(sim.control().placement_status.remote(), timeout=30)["hosts"],
              timeout_s=60)
+    sim.wait("gateway-b left out of the list envoys receive",
+             lambda: gateway_b not in ray.get(sim.control().gateway_endpoints.remote(), timeout=30), timeout_s=30)
     result = do_deploy(sim, config(sim, checkin__interval_s=50.0))  # b is away
     assert "standby-p0-b" not in result["restarted"] and "gateway-b" not in result["restarted"]
     assert {p["name"] for p in result["pending"]} == {"standby-p0-b"}
@@ -235,6 +263,8 @@ def test_4b_a_node_away_during_a_deploy_gets_the_new_settings_when_it_returns(si
     sim.restore_host("b")  # Ray restarts b's actors with their old arguments; control fixes that
     sim.wait("b's actors at the deployed revision", current, timeout_s=120, every_s=0.5)
     TIMINGS["b back -> its actors at the new revision"] = time.monotonic() - t0
+    sim.wait("gateway-b listed again", lambda: gateway_b in ray.get(sim.control().gateway_endpoints.remote(), timeout=30),
+             timeout_s=30)
     sim.wait("standby in sync again", sim.all_in_sync, timeout_s=90)
 
 

@@ -126,7 +126,7 @@ def test_writes_says_which_operations_change_the_state(part, tmp_path):
         ("token.create", {}), ("token.list", {}),
         ("token.install", {"id": "t1", "hash": hash_token("vigo_x"), "created_at": time.time(),
                            "expires_at": time.time() + 60, "uses": 1}),
-        ("envoys.list", {}), ("envoys.show", {"envoy_id": envoy_id}), ("envoys.revoke", {"envoy_id": envoy_id}),
+        ("envoys.list", {}), ("envoys.page", {"status": "pending"}), ("envoys.show", {"envoy_id": envoy_id}), ("envoys.revoke", {"envoy_id": envoy_id}),
         ("backup.create", {"out": str(tmp_path / "b.vgb"), "key": key.key, "salt": key.salt, "kdf": key.kdf()}),
         ("spanner.status", {}),
     ]

@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     # the two roles' cores
     "vigo.agent": 5,
     "vigo.server": 5,
+    "vigo.console": 5,  # the web console's core: knows the fleet only through admin answers
     # Ray shells over the server's cores
     "vigo.actors": 6,
     # the operator's command line
@@ -57,10 +58,12 @@ FORBIDDEN: dict[str, set[str]] = {
     "vigo.agent": {"vigo.server", "vigo.state", "vigo.snapshots", "vigo.roster", "vigo.actors", "vigo.cli",
                    "vigo.config", "vigo.raytoken"},
     "vigo.server": {"vigo.agent"},
+    # The console reads what vigocli reads (admin operations), never the cores or the database.
+    "vigo.console": {"vigo.server", "vigo.agent", "vigo.state", "vigo.snapshots", "vigo.roster", "vigo.policy"},
 }
 
 RAY_FREE = ["vigo.errors", "vigo.crypto", "vigo.protocol", "vigo.config", "vigo.state", "vigo.policy",
-            "vigo.roster", "vigo.snapshots", "vigo.server", "vigo.agent"]
+            "vigo.roster", "vigo.snapshots", "vigo.server", "vigo.agent", "vigo.console"]
 
 
 def _modules() -> dict[str, Path]:

@@ -61,7 +61,7 @@ def test_declared_defaults_lie_in_their_declared_ranges(cls, settings):
     ({"listen": {"host": 7}}, "listen.host: expected a string, got 7"),
     ({"spanner": {"bolts": ["a", ""]}}, "spanner.bolts: expected a list of names, got ['a', '']"),
     ({"gateway": {"batch": 1}}, "gateway.batch: unknown setting (expected one of batch_max, batch_wait_ms,"),
-    ({"listn": {}}, "listn: unknown setting (expected one of admissions, archive, checkin, data_dir,"),
+    ({"listn": {}}, "listn: unknown setting (expected one of admissions, archive, checkin, console, data_dir,"),
     (["a"], "server.yaml: expected a mapping, got list"),
     # unknown keys first, then kinds in the file's order, then ranges in declaration order
     ({"gateway": {"batch_max": 0, "queue_max": "x"}}, "gateway.queue_max: expected a whole number"),

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.fakeruntime import FakeRuntime
+from vigo.actors import console as console_actor
 from vigo.actors import deploy as deploy_mod
 from vigo.actors import gateway as gateway_mod
 from vigo.actors import member as member_mod
@@ -44,12 +45,23 @@ class FakeGateway:
         return {"name": self.name, "state": "serving", "advertise": f"10.0.0.1:{self.port}", "revision": self.revision}
 
 
+class FakeConsole:
+    def __init__(self, host_label, listen_host, port, session_ttl_s) -> None:
+        self.port = port
+        self.revision = console_actor.console_revision(host_label, listen_host, port, session_ttl_s)
+
+    def status(self) -> dict:
+        return {"name": "console", "state": "serving", "url": f"https://10.0.0.1:{self.port}/",
+                "revision": self.revision}
+
+
 @pytest.fixture
 def scene(tmp_path, monkeypatch):
     rt = FakeRuntime()
     rt.alive_hosts |= {"head", "a"}
     monkeypatch.setattr(placement, "Member", FakeMember)
     monkeypatch.setattr(placement, "Gateway", FakeGateway)
+    monkeypatch.setattr(console_actor, "Console", FakeConsole)
     controls = []
 
     def make_control(state_dir: str) -> Control:
@@ -188,10 +200,24 @@ def test_teardown_pauses_placement_first(scene, tmp_path):
     rt, controls = scene
     run_deploy(rt, tmp_path, cfg_for(tmp_path))
     killed = deploy_mod.teardown(rt=rt)
-    assert killed == ["primary-p0", "gateway-a", "gateway-head", "control"]  # standby-p0-b was never placed
+    assert killed == ["primary-p0", "gateway-a", "gateway-head", "console", "control"]  # standby-p0-b was never placed
     assert rt.calls[[c[1] for c in rt.calls].index("pause_placement")][0] == "control"
     rt.alive_hosts.add("b")
     assert controls[-1].poll_nodes(now=100.0) == []  # paused: a node arriving places nothing
+
+
+def test_the_console_runs_on_controls_host_and_follows_its_settings(scene, tmp_path):
+    rt, _ = scene
+    first = run_deploy(rt, tmp_path, cfg_for(tmp_path))
+    assert first["console"] == "https://10.0.0.1:7780/" and rt.hosts["console"] == "head"
+    console = rt.actors["console"]
+    assert run_deploy(rt, tmp_path, cfg_for(tmp_path))["console"] == "https://10.0.0.1:7780/"
+    assert rt.actors["console"] is console and "console" not in rt.killed  # unchanged: left alone
+    moved = run_deploy(rt, tmp_path, cfg_for(tmp_path, console__port=7781))
+    assert moved["console"] == "https://10.0.0.1:7781/" and rt.killed == ["console"]
+    assert "restarted" in moved and "primary-p0" not in moved["restarted"]  # members untouched
+    off = run_deploy(rt, tmp_path, cfg_for(tmp_path, console__enabled=False))
+    assert off["console"] is None and "console" not in rt.actors
 
 
 def test_a_replaced_actor_that_control_already_started_is_kept(scene, tmp_path):

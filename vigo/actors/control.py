@@ -20,6 +20,10 @@ without anyone deploying again. An actor that exists is left to Ray, except on a
 arrives: Ray restarts the node's actors with the arguments they were created with, and control
 restarts those whose revision is older than the deployment's (a deploy made while the node was
 away).
+
+``gateway_endpoints`` is the list every gateway puts in its check-in answers (envoys learn
+every gateway from it): the registered gateways whose node was alive at the last poll, so a
+gateway whose node Ray declared dead is left out until it registers again from a live node.
 """
 
 from __future__ import annotations
@@ -129,14 +133,26 @@ class Control(Topology):
                 self._recheck.discard(host)
         return started
 
+    def gateway_endpoints(self) -> list[str]:
+        """The endpoints (HOST:PORT) of the registered gateways whose node Ray reports alive, as
+        of the last node poll: what every gateway hands envoys in its check-in answers. A
+        gateway whose node is gone (dead, or not polled alive since control started) is left
+        out until it registers again from a live node."""
+        alive = self._known_nodes
+        return sorted({g["endpoint"] for g in self.topology.get("gateways", {}).values()
+                       if g.get("endpoint") and (alive is None or g.get("node") in alive)})
+
     def placement_status(self) -> dict[str, Any]:
         """For `server status`: the labelled nodes last seen, what waits for its node, the
         latest actors placed by control, and the gateways with their node and start time."""
         labels = set((self._labels or {}).values()) if self._labels is not None else set(self.rt.host_labels().values())
+        alive = self._known_nodes
+        gateways = {name: {**g, "listed": alive is None or g.get("node") in alive}
+                    for name, g in self.topology.get("gateways", {}).items()}
         return {"hosts": sorted(labels), "pending": pending(self.deployment(), labels, HOST_LABEL),
                 "placed": list(self._placed), "checked_at": self._checked_at,
                 "paused": bool((self.deployment() or {}).get("paused")),
-                "gateways": self.topology.get("gateways", {})}
+                "gateways": gateways}
 
     def ping(self) -> str:
         return "ok"

@@ -22,11 +22,12 @@ import logging
 import socket
 from typing import Any
 
+from vigo.actors import console as console_actor
 from vigo.actors import placement
 from vigo.actors.control import Control
 from vigo.actors.runtime import HOST_LABEL, RAY, Runtime
 from vigo.config import ServerConfig
-from vigo.errors import ConfigError
+from vigo.errors import ConfigError, UnavailableError
 from vigo.server.spanner.bolt import bolt_name
 from vigo.server.topology import gateway_hosts as wanted_gateway_hosts
 from vigo.server.topology import gateway_name, gateway_revision, member_revision, pending
@@ -112,9 +113,10 @@ def deploy(cfg: ServerConfig, *, host: str | None = None, control_dir: str | Non
     stopped = _stop(removed, timeout_s, rt)
 
     endpoints, gw_started, gw_restarted, gw_stopped = _apply_gateways(spec, previous, present, control, timeout_s, rt)
+    console_url = apply_console(cfg, control_host, timeout_s, rt)
     waiting = pending(spec, present, HOST_LABEL)
     result = {"partition": cfg.partition, "term": int(entry["term"]), "primary": entry["primary"],
-              "standbys": standby_names, "gateways": endpoints, "pending": waiting,
+              "standbys": standby_names, "gateways": endpoints, "console": console_url, "pending": waiting,
               "started": started + gw_started, "restarted": restarted + gw_restarted, "stopped": stopped + gw_stopped}
     log.info("deployed partition %s (term %d) with standbys %s and gateways %s; started %s, restarted %s, "
              "stopped %s, pending %s", cfg.partition, result["term"], standby_names or "none", endpoints,
@@ -210,6 +212,7 @@ def teardown(timeout_s: float = 30.0, rt: Runtime = RAY) -> list[str]:
     if spec.get("gateways"):
         gateways |= {gateway_name(h) for h in rt.host_labels().values()}
     names += sorted(gateways)
+    names.append(console_actor.NAME)
     killed = []
     for name in dict.fromkeys(names):  # once each, in order
         try:
@@ -220,6 +223,35 @@ def teardown(timeout_s: float = 30.0, rt: Runtime = RAY) -> list[str]:
     rt.kill(control)
     killed.append("control")
     return killed
+
+
+def apply_console(cfg: ServerConfig, host: str, timeout_s: float, rt: Runtime) -> str | None:
+    """The web console on ``host`` (control's): started if missing, restarted if its settings
+    changed, stopped if ``console.enabled`` is off. Returns its URL (None when off). Ray
+    restarts it on its node like every vigo actor; it holds no state but logins."""
+    name = console_actor.NAME
+    if not cfg.console.enabled:
+        _stop([name], timeout_s, rt)
+        return None
+    args = (host, cfg.listen.host, cfg.console.port, cfg.console.session_ttl_s)
+    want = console_actor.console_revision(*args)
+
+    def start() -> Any:
+        return rt.start(console_actor.Console, name, *args, host=host, max_concurrency=console_actor.CONCURRENCY)
+
+    def serving() -> dict[str, Any]:
+        status = rt.call(rt.actor(name), "status", timeout_s=min(10.0, timeout_s))
+        if status.get("state") == "serving":
+            return status
+        raise UnavailableError("unavailable", status.get("error") or "starting")
+
+    if not placement.exists(name, rt):
+        start()
+    status = placement.until("the console did not serve", serving, timeout_s)
+    if status.get("revision") != want:
+        placement.replace(rt, name, want, "status", start, timeout_s)
+        status = placement.until("the console did not serve", serving, timeout_s)
+    return status["url"]
 
 
 # --- the steps ---------------------------------------------------------------------------------

@@ -21,6 +21,10 @@ and its endpoint is published. If it was still connecting then (control or the p
 longer to come back), it publishes ``starting``, serves as soon as it connects, and restarts
 itself once at that moment so that Ray publishes the endpoint (the restart connects at once).
 
+Once serving, the gateway reads control's list of live gateways every ``GATEWAYS_REFRESH_S``
+(``Control.gateway_endpoints``) and its server puts it, with its own endpoint, in every
+check-in answer: envoys learn every gateway, and drop one whose node Ray declared gone.
+
 ``listen.host: node-ip`` binds the address Ray knows this node by (``ray start
 --node-ip-address``) instead of every interface.
 """
@@ -69,6 +73,12 @@ REPUBLISH_DELAY_S = 1.0
 #: How long the constructor waits for a taken port (a predecessor still exiting frees it within
 #: about 1.5 s, notes/ray.md section 5) before returning, seconds.
 INIT_BIND_WAIT_S = 5.0
+#: How often a serving gateway re-reads control's list of live gateways (what check-in answers
+#: carry), seconds: control's node poll runs every 2 s too, so an envoy's next check-in names a
+#: gateway within about 4 s of its registration.
+GATEWAYS_REFRESH_S = 2.0
+#: Longest wait for one gateway's counters in `server status`, seconds.
+STATUS_CALL_TIMEOUT_S = 3.0
 #: ``listen.host`` value that binds this node's Ray address instead of every interface.
 NODE_IP = "node-ip"
 
@@ -156,11 +166,26 @@ class RayBackend:
 
 async def placement_status(rt: Runtime) -> dict[str, Any]:
     """Control's placement view for `server status` (what waits for its node, which gateways
-    run where); an error entry when control does not answer, never an exception."""
+    run where), each gateway with its own counters (``connections``, ``serving_since``, or
+    ``unreachable``); an error entry when control does not answer, never an exception."""
     try:
-        return await asyncio.wait_for(rt.acall(rt.actor("control"), "placement_status"), 5.0)
+        view = await asyncio.wait_for(rt.acall(rt.actor("control"), "placement_status"), 5.0)
     except Exception as exc:
         return {"error": f"control did not answer ({type(exc).__name__})"}
+    gateways = view.get("gateways") or {}
+
+    async def counters(name: str) -> dict[str, Any]:
+        try:
+            status = await asyncio.wait_for(rt.acall(rt.actor(name), "status"), STATUS_CALL_TIMEOUT_S)
+        except Exception as exc:
+            return {"unreachable": f"{type(exc).__name__}"}
+        return {"state": status.get("state"), "serving_since": status.get("serving_since"),
+                "connections": status.get("connections")}
+
+    answers = await asyncio.gather(*(counters(name) for name in gateways))
+    for name, extra in zip(gateways, answers, strict=True):
+        gateways[name] = {**gateways[name], **extra}
+    return view
 
 
 class _WithPlacement:
@@ -246,6 +271,7 @@ class Gateway:
                  self.serving_since - self.created_at)
         self._metrics_task = asyncio.create_task(self._export_metrics())
         self._republish_task = asyncio.create_task(self._republish_if_late())
+        self._gateways_task = asyncio.create_task(self._follow_gateways(endpoint))
         backoff = _connect_backoff()
         while True:
             try:
@@ -257,6 +283,25 @@ class Gateway:
             except Exception as exc:
                 log.warning("gateway %s cannot register with control yet (%s)", self.name, type(exc).__name__)
                 await asyncio.sleep(backoff.delay())
+
+    async def _follow_gateways(self, endpoint: str) -> None:
+        """Keep the server's list of live gateways (what check-in answers carry) as control
+        knows it, this gateway's own endpoint always in it. When control does not answer, the
+        last list stands."""
+        self.server.gateways = [endpoint]
+        while True:
+            try:
+                known = await asyncio.wait_for(self.rt.acall(self._control(), "gateway_endpoints"),
+                                               CONNECT_CALL_TIMEOUT_S)
+                listed = sorted({*known, endpoint})
+                if listed != self.server.gateways:
+                    log.info("gateway %s: envoys now learn the gateways %s", self.name, ", ".join(listed))
+                self.server.gateways = listed
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("gateway %s cannot read the gateway list from control (%s)", self.name, type(exc).__name__)
+            await asyncio.sleep(GATEWAYS_REFRESH_S)
 
     async def _republish_if_late(self) -> None:
         """The constructor returned before this gateway served, so Ray published it as

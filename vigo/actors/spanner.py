@@ -182,6 +182,11 @@ class SpannerBackend:
             return {"ok": routing.merge_envoys(await self._each(op, args), self.ownership)}
         if op == "envoys.show":
             return routing.merge_show(await self._each(op, args))
+        if op == "envoys.page":
+            # One bolt's page is not the fleet's page: merging sorted pages across bolts is not
+            # built yet, and a partial answer would look whole.
+            return {"error": {"code": "not_found", "reason": "envoys.page is not answered under spanner yet; "
+                                                             "use envoys.list (merged from every bolt)"}}
         if op == "status":
             results = await self._each(op, args)
             return {"ok": {"spanner": True, "bolts": {b: r.get("ok", r.get("error")) for b, r in results.items()}}}

@@ -48,6 +48,12 @@ FLUSH_RETRY_CAP_S = 30.0
 #: when reconnects are synchronised (a gateway restart drops every connection at once and they
 #: come back within RECONNECT_BASE_S): 1,000 envoys then start flushing over 5 s, not 1 s.
 FLUSH_SPLAY_CAP_S = 5.0
+#: The same bound after a failover (a connection that stopped answering, dropped, and the next
+#: gateway connected at once), seconds. Those envoys are one dead gateway's share of the fleet
+#: spread over the others, already spread in time by when each noticed the dead link (TCP
+#: keepalive timers run per connection); a short delay keeps their first acknowledged report
+#: within the documented bound (docs/envoy.md, "A dead link").
+FAILOVER_FLUSH_SPLAY_S = 1.0
 #: Pause between two batches: the server's answer time for a full batch, times this.
 FLUSH_PACE_FACTOR = 1.0
 #: Bounds of the pause between two batches, seconds.

@@ -327,7 +327,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         ("last run", (f"{_ago(last['started_at'])}: " + ", ".join(f"{n} {k}" for k, n in last["counts"].items())
                       + (" (noop)" if last["noop"] else "")) if last else "never"),
         ("quarantined entries", str(len(info["quarantined"]))),
-        ("servers", ", ".join(info.get("servers") or []) or "not joined"),
+        ("joined with", ", ".join(info.get("servers") or []) or "not joined"),
+        ("gateways", _gateways_text(info)),
         ("certificate", _certificate_text(info)),
         ("last checkin", _ago(info.get("last_checkin_at"))),
         ("daemon", _daemon_text(info)),
@@ -378,6 +379,23 @@ def _daemon_text(info: dict[str, Any]) -> str:
     if not daemon.get("running"):
         return "not running"
     return f"running (pid {daemon.get('pid') or '?'}), started {_ago(daemon.get('started_at'))}"
+
+
+def _gateways_text(info: dict[str, Any]) -> str:
+    """Every gateway in this envoy's dial order, the one in use marked; where the list came from."""
+    order = info.get("dial_order") or []
+    if not order:
+        return "none"
+    link = info.get("link") or {}
+    in_use = link.get("server") if link.get("connected") and (info.get("daemon") or {}).get("running") else None
+    text = ", ".join(f"{g} (in use)" if g == in_use else g for g in order)
+    learned = info.get("gateways")
+    if learned:
+        text += (f"; listed by {learned.get('server')} {_ago(learned.get('at'))}, unchanged since "
+                 f"{_ago(learned.get('since'))}")
+    else:
+        text += "; none learned from a server yet (the joined addresses)"
+    return text
 
 
 def _link_text(info: dict[str, Any]) -> str:

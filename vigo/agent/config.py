@@ -65,7 +65,9 @@ class EnvoyConfig:
     """The daemon's local settings. None means "not set here" (the server's answer or the
     built-in default applies); so does a key set to null in the file."""
 
-    #: Gateways, HOST:PORT, tried in order; None: the list `vigo-envoy join` stored.
+    #: Gateways, HOST:PORT, tried in this order and no others (a pin: the list learned from
+    #: the server is not dialled); None: the gateways learned from the server and the list
+    #: `vigo-envoy join` stored, in this envoy's rendezvous order (vigo.agent.gateways).
     servers: list[str] | None = field(None, kind=SERVERS)
     #: Seconds between runs; None: the server's answer, else DEFAULT_INTERVAL_S.
     interval_s: float | None = field(None, kind=SECONDS, min=0.1)

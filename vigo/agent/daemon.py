@@ -288,11 +288,14 @@ class Daemon:
         link = self.link
         if link is not None and link.connected:
             budget = self.config.run_checkin_budget_s
+            asked = link.client
             try:
                 async with asyncio.timeout(budget):
                     online = await link.checkin(host_traits, trusted)
             except TimeoutError:
                 log.warning("no checkin answer within %g s: this run converges from the cache", budget)
+                # A missed answer is a dead link: the next gateway now, not after a later timeout.
+                await link.abandon(f"no checkin answer within {budget:g} s", asked)
             except (ServerError, ProtocolError, OSError) as exc:
                 revoked = await self.cache(lambda c: c.meta("revoked"))
                 if revoked:  # the fleet said stop: the cached bundle is not enforced any more

@@ -157,6 +157,7 @@ async def join_fleet(
             values: dict[str, Any] = {
                 "envoy_id": answer["envoy_id"],
                 "servers": list(servers),
+                "gateways": None,  # a list learned from a fleet before this join is not this fleet's
                 "trusted_key": new_key,
                 "highest_term": max(int(cache.meta("highest_term", 0) or 0), int(answer["term"])),
                 "ca_fingerprint": fingerprint,

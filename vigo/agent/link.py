@@ -1,15 +1,20 @@
 """The daemon's connection to its fleet (`vigo-envoy run`; the schedule is ``vigo.agent.daemon``).
 
-    Link        cycles through the gateways with exponential backoff and full jitter
-                (vigo.agent.backoff), keeps one persistent mutual-TLS connection, checks in on
+    Link        tries the gateways in this envoy's order (``vigo.agent.gateways``: the list
+                learned from the server, then the joined addresses; the ones that failed lately
+                last), with exponential backoff and full jitter (vigo.agent.backoff) between
+                rounds that found none; keeps one persistent mutual-TLS connection, checks in on
                 connect (``session.check_in_round``: a bundle pushed while the envoy was away
                 arrives here; an older serial or term is refused by the cache), receives
-                ``notify``, pings every ``keepalive_s``. After the check-in on connect and after
-                every run's check-in it renews the certificate when due (``join.try_renew``, in
-                the background: neither the run nor the flush waits for it); the live
-                connection carries on with the old certificate (valid until it expires), the
-                next one presents the new. A lapsed certificate is not tried on the network:
-                one line says to re-join, runs go on from the cache.
+                ``notify``, pings every ``keepalive_s``. A dead link is noticed in seconds
+                (TCP keepalive and TCP_USER_TIMEOUT on the socket, ``vigo.agent.transport``; a
+                missed answer to a ping, a flush or a run's check-in) and dropped, and the next
+                round starts at once with the next gateway (see ``abandon``). After the
+                check-in on connect and after every run's check-in it renews the certificate
+                when due (``join.try_renew``, in the background: neither the run nor the flush
+                waits for it); the live connection carries on with the old certificate (valid
+                until it expires), the next one presents the new. A lapsed certificate is not
+                tried on the network: one line says to re-join, runs go on from the cache.
     flusher     part of the Link: after every run and after every (re)connect, sends the
                 queue with ``flush.flush(paced=True)`` (one batch in flight, paced by the
                 server's answer time, a random delay within the flush splay after a reconnect,
@@ -59,6 +64,13 @@ log = logging.getLogger("vigo.agent.daemon")
 #: Flush retry after a server error that is not about the connection, seconds (bounds).
 FLUSH_ERROR_BASE_S = 2.0
 FLUSH_ERROR_CAP_S = 120.0
+#: A keepalive ping not answered within this is a dead link, seconds. A live gateway answers a
+#: ping without asking the primary (milliseconds).
+PING_TIMEOUT_S = 5.0
+#: A connection that served at least this long, then broke, is followed at once by a round with
+#: the next gateway (and resets the backoff); one that broke sooner waits the backoff, so a
+#: gateway that accepts and drops at once cannot make a hot loop. Seconds.
+STABLE_S = 2.0
 
 
 @dataclass
@@ -111,7 +123,12 @@ class Link:
         self._flush_idle = asyncio.Event()
         self._flush_idle.set()
         self._splay_next_flush = False
-        self._next = 0  # index of the gateway to try first (the last one that worked)
+        self._flush_splay_cap: float | None = None  # after a failover: a shorter first-flush delay
+        #: Gateways that failed lately: address -> monotonic time (gateways.dial_order tries them last).
+        self.failed: dict[str, float] = {}
+        self._at_once = False  # the last connection broke after serving: the next round starts now
+        self._failover_pending = False  # the next connection replaces one that broke (shorter flush delay)
+        self._connected_at = 0.0  # monotonic time the live connection was made
         self._last_problem: str | None = None
         self._flush_retry = Backoff(FLUSH_ERROR_BASE_S, FLUSH_ERROR_CAP_S, rng=self.rng)
         self._retry_handle: asyncio.TimerHandle | None = None
@@ -140,6 +157,11 @@ class Link:
                     log.exception("connecting to the fleet failed unexpectedly (%s); trying again after a backoff", exc)
                 if self.stop_event.is_set():
                     break
+                if self._at_once:  # a working connection broke: the next gateway now, no backoff
+                    self._at_once = False
+                    self._failover_pending = True  # for the next round only
+                    continue
+                self._failover_pending = False
                 wait = self.backoff.delay(retry_after)
                 log.info("next connection attempt in %.2f s (attempt %d)", wait, self.backoff.attempt)
                 await self._wait(wait)
@@ -160,11 +182,9 @@ class Link:
         """Take a new local config: new backoff bounds; a changed server list reconnects."""
         old, self.config = self.config, config
         self.backoff = Backoff(config.reconnect_base_s, config.reconnect_cap_s, rng=self.rng)
-        if old.servers != config.servers:
-            self._next = 0
-            if self.client is not None:
-                log.info("server list changed: reconnecting")
-                asyncio.get_running_loop().create_task(self._drop("server list changed"))
+        if old.servers != config.servers and self.client is not None:
+            log.info("server list changed: reconnecting")
+            asyncio.get_running_loop().create_task(self._drop("server list changed"))
         self._kick.set()
 
     async def checkin(self, host_traits: dict[str, Any], trusted: Any) -> bool:
@@ -175,8 +195,8 @@ class Link:
             return False
         try:
             stale, _accepted, answer = await session.check_in(client, self.cache, host_traits, trusted)
-        except UnavailableError:
-            await self._drop("checkin failed", client)
+        except UnavailableError as exc:
+            await self.abandon(f"checkin failed: {exc.reason}", client)
             raise
         except ServerError as exc:
             if exc.code == "revoked":
@@ -189,6 +209,23 @@ class Link:
         self.answer_splay_s = float(answer.get("splay_s") or 0.0)
         self.renew_soon(client)
         return True
+
+    async def abandon(self, why: str, client: EnvoyClient | None = None) -> None:
+        """A missed answer on the live connection (``client``, default whichever is live): a
+        dead link. The gateway goes last in the dial order for a while, the connection is
+        dropped, and the next round starts at once with the next gateway, without a backoff
+        wait (the daemon calls this when a run's check-in misses its budget)."""
+        current = self.client
+        if current is None or (client is not None and client is not current):
+            return
+        now = time.monotonic()
+        self.failed[current.server] = now
+        if now - self._connected_at >= STABLE_S:
+            self.backoff.reset()
+            self._at_once = True
+        log.warning("dropping the connection to %s: %s; %s", current.server, why,
+                    "trying the next gateway now" if self._at_once else "reconnecting with backoff")
+        await self._drop(why, current)
 
     def renew_soon(self, client: EnvoyClient) -> None:
         """Renew the certificate over ``client`` if due, in the background (one at a time)."""
@@ -217,9 +254,9 @@ class Link:
     # -- connecting
 
     async def _round(self) -> float | None:
-        """One check-in round (``session.check_in_round``), starting with the last good gateway;
-        serve the first that answers with a current term until its connection ends. Returns
-        the longest retry-after any gateway asked for (None: none asked)."""
+        """One check-in round (``session.check_in_round``) over the gateways in this envoy's
+        order; serve the first that answers with a current term until its connection ends.
+        Returns the longest retry-after any gateway asked for (None: none asked)."""
         creds = await self._setup()
         if creds is None:
             return self.config.reconnect_cap_s
@@ -231,18 +268,20 @@ class Link:
 
         try:
             found = await session.check_in_round(self.cache, creds, host_traits, state_dir=self.state_dir,
-                                                 start=self._next, stop=self.stop_event, keep_going=True)
+                                                 stop=self.stop_event, keep_going=True)
         except RevokedError as exc:
             self.counters.errors["revoked"] += 1
             log.error("%s", exc)
             return self.config.reconnect_cap_s
         self.counters.attempts += found.attempts
         self.counters.errors.update(found.errors)
+        now = time.monotonic()
+        self.failed.update(dict.fromkeys(found.failed, now))
         if found.failures:
             self.state.error = found.failures[-1]
         if found.client is not None:
-            assert found.index is not None and found.answer is not None
-            self._next = found.index
+            assert found.answer is not None
+            self.failed.pop(found.client.server, None)
             self.answer_splay_s = float(found.answer.get("splay_s") or 0.0)
             self.renew_soon(found.client)
             await self._serve(found.client, found.accepted)
@@ -256,7 +295,7 @@ class Link:
         """What a round needs, or None (logged) when this envoy cannot connect now: not joined,
         revoked, certificate expired."""
         try:
-            creds = await session.prepare(self.cache, self.state_dir, self.config.servers)
+            creds = await session.prepare(self.cache, self.state_dir, self.config.servers, self.failed)
         except (AdmissionError, ConfigError, ValueError, ssl.SSLError, OSError) as exc:
             self._problem(str(exc))
             return None
@@ -266,27 +305,38 @@ class Link:
         return creds
 
     async def _serve(self, client: EnvoyClient, accepted: bool) -> None:
-        """Hold a live connection: notify → wake a run, keepalive pings, until it ends."""
+        """Hold a live connection: notify → wake a run, keepalive pings, until it ends. A
+        connection that served ``STABLE_S`` and then broke (not by ``stop``, not by a new
+        server list) makes the next round start at once; the gateway goes last meanwhile."""
+        failover = self._failover_pending
+        self._failover_pending = False
         self.client = client
-        self.backoff.reset()
         self._last_problem = None
         self.counters.connects += 1
+        started = self._connected_at = time.monotonic()
         await self._set_state(LinkState(True, client.server, time.time()))
         if self.persist:  # a current answer: the bundle in force is the fleet's again
             await self.cache(lambda c: runner.note_enforcement(c, offline=False, at=time.time()))
-        log.info("connected to %s", client.server)
+        log.info("connected to %s%s", client.server, " (failover: the previous connection broke)" if failover else "")
         self._splay_next_flush = True
+        self._flush_splay_cap = bo.FAILOVER_FLUSH_SPLAY_S if failover else None
         self.request_flush()
         if accepted:
             self._wake("bundle")
         why = "closed by the gateway"
+        lost = True  # False when this side ended it (stop, a new server list, abandon)
         try:
             while not self.stop_event.is_set() and self.client is client:
                 try:
                     async with asyncio.timeout(self.config.keepalive_s):
                         frame = await client.conn.receive()
                 except TimeoutError:
-                    await client.request("ping", {})
+                    try:
+                        async with asyncio.timeout(PING_TIMEOUT_S):
+                            await client.request("ping", {})
+                    except TimeoutError:
+                        why = f"no answer to a keepalive ping within {PING_TIMEOUT_S:g} s"
+                        break
                     continue
                 if frame is None:
                     break
@@ -308,8 +358,16 @@ class Link:
             log.exception("connection to %s failed unexpectedly", client.server)
             why = f"{type(exc).__name__}: {exc}"
         finally:
-            if self.client is client and not self.stop_event.is_set():
-                log.warning("connection to %s lost (%s); reconnecting with backoff", client.server, why)
+            if self.client is not client or self.stop_event.is_set():
+                lost = False  # dropped on purpose (abandon already marked the gateway)
+            if lost:
+                self.failed[client.server] = time.monotonic()
+                stable = time.monotonic() - started >= STABLE_S
+                if stable:
+                    self.backoff.reset()
+                    self._at_once = True
+                log.warning("connection to %s lost (%s); %s", client.server, why,
+                            "trying the next gateway now" if stable else "reconnecting with backoff")
             await self._drop(why, client)
 
     async def _drop(self, why: str, client: EnvoyClient | None = None) -> None:
@@ -373,7 +431,10 @@ class Link:
             try:
                 if self._splay_next_flush:
                     self._splay_next_flush = False
-                    delay = bo.flush_splay(self.flush_splay_bound(), self.rng)
+                    bound = self.flush_splay_bound()
+                    if self._flush_splay_cap is not None:
+                        bound = min(bound, self._flush_splay_cap)
+                    delay = bo.flush_splay(bound, self.rng)
                     log.debug("first flush after connecting in %.2f s", delay)
                     await session.nap(delay, self.stop_event)
                     if self.client is not client:
@@ -389,7 +450,7 @@ class Link:
                 self.counters.errors[exc.code] += 1
                 log.warning("flush to %s stopped (%s); the rest stays queued and is sent after reconnecting",
                             client.server, exc.reason)
-                await self._drop(f"flush failed: {exc.reason}", client)
+                await self.abandon(f"flush failed: {exc.reason}", client)
             except ServerError as exc:
                 self.counters.errors[exc.code] += 1
                 self._retry_flush_later(f"{client.server} refused the flush ({exc.code}): {exc.reason}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vigo.agent import engine, identity, traits
+from vigo.agent import engine, gateways, identity, traits
 from vigo.agent.cache import DEFAULT_QUEUE_MAX_BYTES, Cache
 from vigo.crypto.aead import Sealer
 from vigo.crypto.keys import load_public_key, parse_public_key, public_pem
@@ -219,6 +219,10 @@ def status(state_dir: Path) -> dict[str, Any]:
             "queue": stats.as_dict(),
             "last_run": cache.meta("last_run"),
             "servers": cache.meta("servers", []),
+            # Learned from check-in answers ({list, at, server, since}); and every address in
+            # the order this envoy tries them (without the daemon's memory of recent failures).
+            "gateways": cache.meta("gateways"),
+            "dial_order": _dial_order(cache),
             "last_checkin_at": cache.meta("last_checkin_at"),
             "revoked": cache.meta("revoked"),
             "quarantined": cache.quarantined(),
@@ -271,6 +275,17 @@ def daemon_pid(state_dir: Path) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _dial_order(cache: Cache) -> list[str]:
+    """The gateways in the order a connection tries them: the daemon's pinned ``servers`` (its
+    config, recorded at its start), else the learned list and the joined addresses in this
+    envoy's rendezvous order (without the daemon's memory of recent failures)."""
+    pinned = ((cache.meta("daemon") or {}).get("config") or {}).get("servers")
+    if pinned:
+        return gateways.pinned_order(pinned)
+    return gateways.dial_order(cache.meta("envoy_id") or "", cache.meta("servers", []) or [],
+                               gateways.learned(cache.meta("gateways")))
 
 
 def _daemon_status(state_dir: Path, recorded: dict[str, Any] | None) -> dict[str, Any]:

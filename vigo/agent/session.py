@@ -6,11 +6,12 @@ daemon's connection (``vigo.agent.link``). Each reaches the LMDB cache through a
 (``run --once`` directly, the daemon on the one thread that owns its cache). The connection is
 ``vigo.agent.transport``; certificate renewal on it is ``vigo.agent.join.try_renew``.
 
-    prepare         what a session needs before it dials: identity, gateways, trusted key, TLS
-                    context. Not joined and revoked are errors; a certificate expired by this
-                    host's clock is a lapse (``Credentials.lapsed``): nothing is tried with it.
-    check_in_round  tries the gateways in turn (from ``start``) and keeps the first that answers
-                    a check-in with a current term; its newer bundle is accepted.
+    prepare         what a session needs before it dials: identity, gateways (in this envoy's
+                    order, ``vigo.agent.gateways``), trusted key, TLS context. Not joined and
+                    revoked are errors; a certificate expired by this host's clock is a lapse
+                    (``Credentials.lapsed``): nothing is tried with it.
+    check_in_round  tries the gateways in that order and keeps the first that answers a check-in
+                    with a current term; its newer bundle is accepted, its gateway list learned.
     nap             a sleep that ``stop`` ends early (the flush's pauses, the daemon's waits).
 
 Decisions:
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vigo.agent import identity, runner
+from vigo.agent import gateways, identity, runner
 from vigo.agent.cache import Cache
 from vigo.agent.enrolment import tls_client_context
 from vigo.agent.transport import EnvoyClient
@@ -81,26 +82,36 @@ class Credentials:
     """What ``prepare`` found: enough to dial, or the reason not to (``lapsed``)."""
 
     ident: identity.Identity
-    servers: list[str]
+    servers: list[str]  # every gateway to try, best first (gateways.dial_order)
     trusted: Any  # the bundle signing key
     context: ssl.SSLContext | None  # mutual TLS pinned to the fleet CA; None when lapsed
     lapsed: str | None  # the re-join line, when the certificate expired by this host's clock
 
 
-async def prepare(call: CacheCall, state_dir: Path, servers: list[str] | None = None) -> Credentials:
-    """Identity, gateways (``servers``, else the list `join` stored), trusted key and TLS context.
+async def prepare(call: CacheCall, state_dir: Path, servers: list[str] | None = None,
+                  failed: dict[str, float] | None = None) -> Credentials:
+    """Identity, gateways, trusted key and TLS context. The gateways: ``servers`` (envoy.yaml
+    or ``run --server``) pin the list, in its order; else the learned list and the addresses
+    `join` stored, in this envoy's rendezvous order (``vigo.agent.gateways``). Either way those
+    in ``failed`` (address -> monotonic time it failed) go last while suspect.
     AdmissionError when not joined, RevokedError when the fleet revoked this envoy."""
     ident = await asyncio.to_thread(identity.load, state_dir)
-    servers = list(servers or await call(lambda c: list(c.meta("servers", []) or [])))
-    if not servers:
+    joined = list(servers or await call(lambda c: list(c.meta("servers", []) or [])))
+    if not joined:
         raise AdmissionError(f"not joined: the cache in {state_dir} names no server; run `vigo-envoy join --server "
                              f"HOST:PORT --token TOKEN --state-dir {state_dir}` first")
+    if servers:
+        order = gateways.pinned_order(servers, failed)
+    else:
+        envoy_id, known = await call(lambda c: (c.envoy_id, gateways.learned(c.meta("gateways"))))
+        order = gateways.dial_order(envoy_id or ident.subject, joined, known, failed)
+    servers = order
     revoked = await call(lambda c: c.meta("revoked"))
     if revoked:
         raise RevokedError(revoked_text(await call(lambda c: c.envoy_id), revoked))
     trusted = await call(lambda c: runner._trusted_key(c, None))
     if ident.expired():
-        return Credentials(ident, servers, trusted, None, lapsed_text(state_dir, servers, ident.not_after))
+        return Credentials(ident, servers, trusted, None, lapsed_text(state_dir, joined, ident.not_after))
     context = tls_client_context(ident.ca_pem, ident.cert_pem, ident.key_pem)
     return Credentials(ident, servers, trusted, context, None)
 
@@ -161,19 +172,24 @@ def take_checkin_answer(cache: Cache, server: str, answer: dict[str, Any],
                         trusted: Any) -> tuple[str | None, bool]:
     """Believe a checkin answer, or not: ``(why it is stale, None if current; whether a newer
     bundle was accepted)``. A current answer updates the schedule and term in the cache and its
-    bundle (if any) is verified and accepted unless it would roll policy back."""
+    bundle (if any) is verified and accepted unless it would roll policy back; its gateway list
+    (if any) is kept (``gateways.learn``)."""
     high_term = int(cache.meta("highest_term", 0) or 0)
     if answer["term"] < high_term:
         log.warning("gateway %s answered with term %d but this envoy has seen term %d: a stale "
                     "server; its answer is ignored", server, answer["term"], high_term)
         return f"{server} is stale (term {answer['term']} < {high_term})", False
-    cache.update_meta({
+    values = {
         "highest_term": max(high_term, answer["term"]),
         "interval_s": answer["interval_s"],
         "splay_s": answer["splay_s"],
         "last_checkin_at": time.time(),
         "last_server": server,
-    })
+    }
+    known = gateways.learn(cache.meta("gateways"), answer.get("gateways"), server)
+    if known is not None:
+        values["gateways"] = known
+    cache.update_meta(values)
     accepted = False
     if answer.get("bundle") is not None:
         try:
@@ -201,10 +217,10 @@ class Round:
     """What one check-in round found."""
 
     client: EnvoyClient | None = None  # open, with a current answer; None: offline
-    index: int | None = None  # that gateway's place in the list
     accepted: bool = False  # its answer carried a newer bundle, now in force
     answer: dict[str, Any] | None = None
     failures: list[str] = field(default_factory=list)  # why each gateway failed, in order
+    failed: list[str] = field(default_factory=list)  # the addresses that failed (unreachable, refused, stale)
     lapsed: str | None = None  # the re-join line, when gateways refused the certificate as expired
     retry_after_s: float | None = None  # the longest retry-after a gateway asked for
     attempts: int = 0
@@ -217,11 +233,10 @@ async def check_in_round(
     host_traits: Callable[[], Awaitable[dict[str, Any]]],
     *,
     state_dir: Path,
-    start: int = 0,
     stop: asyncio.Event | None = None,
     keep_going: bool = False,
 ) -> Round:
-    """Try each gateway once, from ``start`` round the list; keep the first whose check-in
+    """Try each gateway once, in ``creds.servers``'s order; keep the first whose check-in
     answer is current. ``host_traits()`` is asked once, when a first connection opens.
 
     RevokedError (remembered first) when a gateway says so. An error that is not a gateway's
@@ -236,17 +251,16 @@ async def check_in_round(
     servers = creds.servers
     collected: dict[str, Any] | None = None
     refused: str | None = None
-    start %= len(servers)
-    for index in [*range(start, len(servers)), *range(start)]:
+    for server in servers:
         if stop is not None and stop.is_set():
             return found
-        server = servers[index]
         found.attempts += 1
         try:
             client = await EnvoyClient.open(server, creds.context)
         except UnavailableError as exc:
             log.info("gateway %s unreachable: %s", server, exc.reason)
             found.failures.append(exc.reason)
+            found.failed.append(server)
             continue
         except ServerError as exc:  # a TLS "certificate expired" alert
             refused = await call(lambda c, s=server, r=exc.reason: note_refused_cert(c, s, r, creds.ident))
@@ -270,12 +284,14 @@ async def check_in_round(
             level = logging.INFO if isinstance(exc, TransportError) else logging.WARNING
             log.log(level, "gateway %s refused the checkin (%s): %s", server, exc.code, exc.reason)
             found.failures.append(f"{server} refused the checkin ({exc.code}): {exc.reason}")
+            found.failed.append(server)
             continue
         except Exception as exc:
             await client.close()
             if keep_going:
                 log.warning("gateway %s: checkin failed: %s: %s", server, type(exc).__name__, exc)
                 found.failures.append(f"{server}: checkin failed: {type(exc).__name__}: {exc}")
+                found.failed.append(server)
                 continue
             if isinstance(exc, ProtocolError):  # our own body: no gateway will take it
                 log.error("cannot send the checkin: %s", exc)
@@ -285,8 +301,9 @@ async def check_in_round(
         if stale is not None:
             await client.close()
             found.failures.append(stale)
+            found.failed.append(server)
             continue
-        found.client, found.index, found.accepted, found.answer = client, index, accepted, answer
+        found.client, found.accepted, found.answer = client, accepted, answer
         return found
     if refused is not None:
         found.lapsed = lapsed_text(state_dir, servers, creds.ident.not_after, refused)

@@ -1,6 +1,9 @@
 """The envoy's connection to one gateway: address, TLS, frames, timeouts.
 
     parse_server       ``HOST:PORT`` / ``[v6]:PORT``, checked before anything dials.
+    tune_socket        TCP keepalive and TCP_USER_TIMEOUT on the connection's socket: a gateway
+                       whose host vanished is noticed by the kernel within DEAD_LINK_S, idle or
+                       not (docs/envoy.md, "A dead link").
     EnvoyClient        one connection: TLS (the caller's context: mutual TLS pinned to the fleet
                        CA once joined), then frames (``protocol.FrameConnection``). Every way the
                        network can fail becomes ``UnavailableError`` (a ``TransportError``); an
@@ -19,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import ssl
 from typing import Any
 
@@ -39,6 +43,20 @@ CONNECT_TIMEOUT_S = 5.0
 #: Seconds to wait for the answer to one request (a healthy gateway answers in milliseconds;
 #: the run schedule must not wait on a gateway that accepted the connection and went quiet).
 REQUEST_TIMEOUT_S = 20.0
+#: TCP keepalive on an idle connection: the first probe after this many idle seconds, then one
+#: every TCP_KEEPALIVE_INTERVAL_S; a probe is a bare ACK the peer's kernel answers (no TLS, no
+#: gateway work), so even a large fleet's probes cost the gateway hosts little.
+TCP_KEEPALIVE_IDLE_S = 1
+TCP_KEEPALIVE_INTERVAL_S = 1
+TCP_KEEPALIVE_PROBES = 3
+#: TCP_USER_TIMEOUT: the kernel drops the connection once data (a request, or keepalive probes)
+#: has gone unacknowledged this long. Idle, a link to a vanished host ends within this of the
+#: last acknowledgement; a request sent after the host vanished (a run's check-in) starts its
+#: own count, so the link ends at most DEAD_LINK_S after the host vanished. 3 s rides out
+#: several retransmissions (an isolated lost packet is not a dead link); a false alarm costs one
+#: reconnect to another gateway.
+TCP_USER_TIMEOUT_S = 3
+DEAD_LINK_S = 2 * TCP_USER_TIMEOUT_S
 #: Seconds to look for the error frame a gateway sent just before it closed on us.
 _CLOSING_ERROR_WAIT_S = 0.5
 #: The TLS alert a TLS stack sends when it refuses a client certificate as expired (vigo's
@@ -57,6 +75,26 @@ def parse_server(address: str) -> tuple[str, int]:
     if not 0 < port < 65536:
         raise ConfigError(f"server port must be 1..65535, got {port} in {address!r}")
     return host, port
+
+
+def tune_socket(sock: socket.socket | None) -> bool:
+    """Keepalive and TCP_USER_TIMEOUT on a connected TCP socket (Linux names; elsewhere only
+    what the platform has). Returns whether the dead-link bound applies (every option set)."""
+    if sock is None:
+        return False
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", TCP_KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", TCP_KEEPALIVE_INTERVAL_S),
+                        ("TCP_KEEPCNT", TCP_KEEPALIVE_PROBES), ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_S * 1000)):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    complete = len(options) == 5
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError as exc:  # a socket that is not TCP (tests' pipes), or an old kernel
+            log.debug("cannot set socket option %s on the gateway connection: %s", option, exc)
+            complete = False
+    return complete
 
 
 def _expired_alert(exc: BaseException | None) -> bool:
@@ -108,6 +146,7 @@ class EnvoyClient:
             raise UnavailableError("unavailable", f"{server}: TLS handshake failed ({exc.reason or exc})") from exc
         except OSError as exc:
             raise UnavailableError("unavailable", f"{server}: {exc.strerror or exc}") from exc
+        tune_socket(writer.get_extra_info("socket"))
         ssl_object = writer.get_extra_info("ssl_object")
         peer = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         conn = FrameConnection(reader, writer, request_timeout_s=request_timeout_s)

@@ -57,8 +57,9 @@ def cluster_token() -> str:
     return token
 
 
-def find_gateways(address: str, token: str) -> list[GatewayEndpoint]:
-    """Alive gateway actors, from the dashboard's State API."""
+def alive_actors(address: str, token: str) -> list[dict[str, Any]]:
+    """Alive actors of namespace vigo as the dashboard's State API lists them (each with its
+    ``repr_name``, which gateways and the console publish their endpoint through)."""
     query = urllib.parse.urlencode({
         "filter_keys": "state", "filter_predicates": "=", "filter_values": "ALIVE",
         "detail": "true", "limit": "1000",
@@ -79,10 +80,16 @@ def find_gateways(address: str, token: str) -> list[GatewayEndpoint]:
             "(`vigocli server start --dev`, or pass --address)") from exc
     except json.JSONDecodeError as exc:
         raise UnavailableError("unavailable", f"{address} did not answer like a Ray dashboard: {exc}") from exc
+    return [a for a in data.get("data", {}).get("result", {}).get("result", [])
+            if a.get("ray_namespace", "vigo") == "vigo"]
+
+
+def find_gateways(address: str, token: str) -> list[GatewayEndpoint]:
+    """Alive gateway actors, from the dashboard's State API."""
     found = []
-    for actor in data.get("data", {}).get("result", {}).get("result", []):
+    for actor in alive_actors(address, token):
         match = _REPR.match(actor.get("repr_name") or "")
-        if actor.get("ray_namespace", "vigo") == "vigo" and match:
+        if match:
             found.append(GatewayEndpoint(actor.get("name") or "", match["host"], int(match["port"]), match["fp"],
                                          actor.get("node_id") or ""))
     if not found:

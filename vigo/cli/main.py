@@ -35,9 +35,10 @@ def _app():
     app.add_typer(fleet.tokens, name="token")
     app.add_typer(secrets.app, name="secrets")
     app.add_typer(backup.app, name="backup")
-    from vigo.cli import restore, spanner
+    from vigo.cli import console, restore, spanner
 
     app.add_typer(spanner.app, name="spanner")
+    app.command("console")(console.console)
 
     app.command("restore")(restore.restore)
     return app

@@ -175,6 +175,7 @@ def start(
     archive: Annotated[str | None, typer.Option("--archive", help="archive URL (file:///path or s3://bucket/prefix); default file://DATA_DIR-archive")] = None,
     archive_endpoint: Annotated[str | None, typer.Option("--archive-endpoint", help="S3-compatible endpoint for an s3:// --archive (credentials from the usual AWS_* sources)")] = None,
     archive_interval: Annotated[float, typer.Option("--archive-interval", help="seconds between archive uploads (archive.sync_interval_s)")] = 1.0,
+    console_port: Annotated[int, typer.Option("--console-port", help="web console port (HTTPS; 0: no console)")] = 7780,
     as_json: JsonFlag = False,
 ) -> None:
     """Start a development server: a local Ray head with its dashboard, the control, primary
@@ -234,6 +235,7 @@ def start(
             Path(f"{data_dir}-archive").mkdir(mode=0o700, exist_ok=True)
         cfg.archive.endpoint_url = archive_endpoint or ""
         cfg.archive.sync_interval_s = archive_interval
+        cfg.console.enabled, cfg.console.port = console_port != 0, console_port or cfg.console.port
         deployed = deploy(cfg, host=host)
     except BaseException:
         # Leave nothing half-started behind: the head we just started goes too.
@@ -257,13 +259,15 @@ def start(
     token = client.admin(address, "token.create", {"uses": 100, "note": "dev server"})
     info = {"address": address, "gateway": gateway, "data_dir": str(data_dir), "stack_dir": str(stack_dir),
             "bundle": {"version": pushed["version"], "serial": pushed["serial"]}, "join_token": token["token"],
-            "token_expires_at": token["expires_at"], "seconds": round(time.time() - t0, 1)}
+            "token_expires_at": token["expires_at"], "console": deployed.get("console"),
+            "seconds": round(time.time() - t0, 1)}
     if as_json:
         output.emit_json(info)
         return
     typer.echo(f"""vigo dev server is up ({info['seconds']} s).
   dashboard   {address}
   gateway     {gateway}
+  console     {info['console'] or 'off'}  (`vigocli console` prints a one-time login link)
   data dir    {data_dir}
   stack       {stack_dir}  (bundle {pushed['version']} serial {pushed['serial']})
   join token  {token['token']}  (100 joins, expires {output.when(token['expires_at'])})
@@ -317,6 +321,7 @@ def deploy_cmd(
                               ("primary", deployed["primary"]),
                               ("standbys", ", ".join(deployed["standbys"]) or "none"),
                               *[(f"gateway {n}", e) for n, e in deployed["gateways"].items()],
+                              ("console", deployed.get("console") or "off"),
                               *_change_rows(deployed)]))
 
 
@@ -338,14 +343,34 @@ def _pending_rows(waiting: list[dict]) -> list[tuple[str, object]]:
 
 
 def _gateway_rows(info: dict) -> list[tuple[str, object]]:
-    """Each serving gateway's endpoint, with its node and since when it is registered."""
+    """Each gateway's endpoint, with its node, since when it serves and its connections (from
+    control's view and the gateway itself); a registered gateway whose node is gone is shown as
+    left out of the list envoys receive."""
     known = ((info.get("placement") or {}).get("gateways")) or {}
     rows: list[tuple[str, object]] = []
     for g in info["gateways"]:
         entry = known.get(g["name"]) or {}
-        extra = f" (node {entry['node'][:12]}, registered {output.ago(entry['registered_at'])})" if entry.get("node") else ""
-        rows.append((f"gateway {g['name']}", f"{g['endpoint']}{extra}"))
+        rows.append((f"gateway {g['name']}", f"{g['endpoint']}{_gateway_extra(entry)}"))
+    found = {g["name"] for g in info["gateways"]}
+    for name, entry in sorted(known.items()):
+        if name not in found and not entry.get("listed", True):
+            rows.append((f"gateway {name}", f"{entry.get('endpoint')}: its node is gone; not listed to envoys"))
     return rows
+
+
+def _gateway_extra(entry: dict) -> str:
+    if not entry.get("node"):
+        return ""
+    parts = [f"node {entry['node'][:12]}"]
+    since = entry.get("serving_since") or entry.get("registered_at")
+    parts.append(f"serving since {output.when(since)} ({output.ago(since)})" if since else "not serving")
+    if entry.get("connections") is not None:
+        parts.append(f"{entry['connections']} connections")
+    if entry.get("unreachable"):
+        parts.append(f"not answering ({entry['unreachable']})")
+    if entry.get("listed") is False:
+        parts.append("not listed to envoys (node gone)")
+    return " (" + ", ".join(parts) + ")"
 
 
 def _placement_rows(placement: dict) -> list[tuple[str, object]]:

@@ -225,6 +225,8 @@ _SCHEMAS = (
         _f("bundle", bytes, "signed bundle; nil = the envoy's is current", nullable=True),
         _f("bundle_version", str, "version of the bundle the envoy should run", nullable=True),
         _f("serial", int, "serial of that bundle"),
+        _f("gateways", list, "every gateway serving now, HOST:PORT; nil = not known (an older server)",
+           items=str, required=False, nullable=True),
     )),
     Schema("results", "envoy", "queued run reports, oldest first", (
         _f("envoy_id", str, "must match the client certificate"),

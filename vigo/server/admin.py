@@ -120,6 +120,12 @@ _TABLE = (
        summary="the partition: term, envoy counts by status, current bundle, stream and archive"),
     Op("envoys.list", lambda p: p.fleet.listing, (), writes=False,
        summary="every envoy with its derived status and last run"),
+    Op("envoys.page", lambda p: p.fleet.page,
+       (Arg("page", WHOLE, 1), Arg("per_page", WHOLE, 50), Arg("status", TEXT, None), Arg("hostname", TEXT, None),
+        Arg("serial", WHOLE, None), Arg("trait", TEXT, None), Arg("sort", TEXT, "hostname"), Arg("order", TEXT, "asc")),
+       writes=False,
+       summary="one page (1..500 rows) of envoys, filtered (status, part of hostname, serial, trait PATH=VALUE) "
+               "and sorted by the database, with the total that match"),
     Op("envoys.show", lambda p: p.fleet.show, (Arg("envoy_id", TEXT), Arg("runs", WHOLE, 10)), writes=False,
        summary="one envoy by id or unambiguous id prefix, with its newest runs (0..1000) in full"),
     Op("envoys.revoke", lambda p: p.admissions.revoke, (Arg("envoy_id", TEXT),), writes=True,

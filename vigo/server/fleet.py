@@ -9,13 +9,18 @@ Status is derived when asked, never stored, so it cannot go stale:
     pending               it has not yet run the current bundle (or never ran)
     converged             its last run applied the current bundle with nothing failed
 
-Earlier rows win: an envoy that is offline is shown offline whatever its last run said.
+Earlier rows win: an envoy that is offline is shown offline whatever its last run said. A
+revoked envoy is `revoked` before all of them. ``STATUS_ORDER`` is that precedence, and
+``status_sql`` is the same rule as one SQL expression, so counts and filtered pages are answered
+by the database (an aggregate over the envoys table, never every row loaded into Python); a
+unit test holds the two definitions equal.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -32,7 +37,10 @@ FROM_CACHE = "enforcing-from-cache"
 FAILED = "failed"
 PENDING = "pending"
 CONVERGED = "converged"
+REVOKED = "revoked"
 STATUSES = (OFFLINE, FROM_CACHE, FAILED, PENDING, CONVERGED)
+#: Every status an operator sees, in order of precedence (the first that applies wins).
+STATUS_ORDER = (REVOKED, *STATUSES)
 
 #: Longest run id accepted; run ids are uuid4 hex (32) or summary-<uuid4 hex>.
 MAX_RUN_ID_CHARS = 128
@@ -42,11 +50,21 @@ MAX_REPORT_BYTES = 2 * 1024 * 1024
 MAX_REPORTS_PER_MESSAGE = 500
 #: Most runs `envoys show` returns in full (each carries its resources).
 MAX_SHOWN_RUNS = 1000
+#: Most envoys one page of `envoys.page` returns.
+MAX_PAGE_SIZE = 500
+#: Columns `envoys.page` sorts by (each ties broken by id, so pages never overlap).
+SORT_KEYS = ("hostname", "id", "status", "last_seen", "serial", "queue_depth", "joined_at")
+#: Longest hostname or trait filter accepted, characters.
+MAX_FILTER_CHARS = 200
+_TRAIT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}(\.[A-Za-z_][A-Za-z0-9_-]{0,63}){0,7}$")
 
 _ENVOY_COLUMNS = (
     "id", "hostname", "joined_at", "revoked_at", "traits", "last_seen", "interval_s",
     "bundle_version", "serial", "term", "queue_depth", "oldest_queued_at", "offline_runs", "last_run",
 )
+#: What one row of a listing page carries (no traits: they are on the envoy's own page).
+_LIST_COLUMNS = ("id", "hostname", "joined_at", "revoked_at", "last_seen", "bundle_version", "serial",
+                 "queue_depth", "oldest_queued_at", "offline_runs", "last_run")
 
 
 def splay_for(envoy_id: str, splay_s: float) -> float:
@@ -76,6 +94,25 @@ def derive_status(envoy: dict[str, Any], *, now: float, current_serial: int | No
     if current_serial is not None and (last_run.get("serial") or 0) < current_serial:
         return PENDING
     return CONVERGED
+
+
+def status_sql() -> str:
+    """``FleetCore.status_of`` as one SQL expression over a row of ``envoys``, with the named
+    parameters :now, :current (the current serial or NULL), :after (offline_after_intervals)
+    and :interval (the default interval). Same order, same tests, same arithmetic."""
+    no_run = "(last_run IS NULL OR last_run IN ('', 'null', '{}'))"
+    return (
+        "CASE"
+        f" WHEN revoked_at IS NOT NULL THEN '{REVOKED}'"
+        f" WHEN last_seen IS NULL OR :now - last_seen > :after * COALESCE(NULLIF(interval_s, 0), :interval)"
+        f" THEN '{OFFLINE}'"
+        f" WHEN COALESCE(offline_runs, 0) > 0 OR (NOT {no_run} AND COALESCE(json_extract(last_run, '$.offline'), 0))"
+        f" THEN '{FROM_CACHE}'"
+        f" WHEN {no_run} THEN '{PENDING}'"
+        f" WHEN COALESCE(json_extract(last_run, '$.counts.failed'), 0) != 0 THEN '{FAILED}'"
+        f" WHEN :current IS NOT NULL AND COALESCE(json_extract(last_run, '$.serial'), 0) < :current"
+        f" THEN '{PENDING}'"
+        f" ELSE '{CONVERGED}' END")
 
 
 def record_checkin(db: apsw.Connection, envoy_id: str, body: dict[str, Any], *, interval_s: float, now: float) -> None:
@@ -211,13 +248,21 @@ def envoy_rows(store: Store, envoy_id: str | None = None) -> list[dict[str, Any]
         sql += " WHERE id = ? OR substr(id, 1, length(?)) = ?"
         args = (envoy_id, envoy_id, envoy_id)
     sql += " ORDER BY hostname, id"
-    out = []
-    for row in store.query(sql, args):
-        rec = dict(zip(_ENVOY_COLUMNS, row, strict=True))
+    return [_decode(dict(zip(_ENVOY_COLUMNS, row, strict=True))) for row in store.query(sql, args)]
+
+
+def _decode(rec: dict[str, Any]) -> dict[str, Any]:
+    if "traits" in rec:
         rec["traits"] = json.loads(rec["traits"]) if rec["traits"] else {}
-        rec["last_run"] = json.loads(rec["last_run"]) if rec["last_run"] else None
-        out.append(rec)
-    return out
+    rec["last_run"] = json.loads(rec["last_run"]) if rec["last_run"] else None
+    return rec
+
+
+def cert_rows(store: Store, envoy_id: str) -> list[dict[str, Any]]:
+    """An envoy's certificates, newest first: the first is the one in force unless revoked."""
+    rows = store.query("SELECT serial, issued_at, not_after, revoked_at FROM certs WHERE envoy_id = ? "
+                       "ORDER BY issued_at DESC", (envoy_id,))
+    return [{"serial": r[0], "issued_at": r[1], "not_after": r[2], "revoked_at": r[3]} for r in rows]
 
 
 def recent_runs(store: Store, envoy_id: str, limit: int = 10, *, full: bool = False) -> list[dict[str, Any]]:
@@ -304,16 +349,85 @@ class FleetCore:
     def summary(self) -> dict[str, Any]:
         """Counts for the partition's status: envoys, envoys per status, reports still queued on
         envoys, runs stored."""
-        now, current = time.time(), self.current_serial()
-        envoys = envoy_rows(self.store)
-        counts = dict.fromkeys((*STATUSES, "revoked"), 0)
-        for e in envoys:
-            counts[self.status_of(e, now, current)] += 1
+        counts, total, queued = self.status_counts()
         return {
-            "envoys": len(envoys),
+            "envoys": total,
             "status_counts": counts,
             "runs_stored": self.store.one("SELECT COUNT(*) FROM runs")[0],
-            "queued_reports": sum(e.get("queue_depth") or 0 for e in envoys),
+            "queued_reports": queued,
+        }
+
+    def _status_params(self, now: float | None = None) -> dict[str, Any]:
+        return {"now": time.time() if now is None else now, "current": self.current_serial(),
+                "after": self.cfg.checkin.offline_after_intervals, "interval": self.cfg.checkin.interval_s}
+
+    def status_counts(self, now: float | None = None) -> tuple[dict[str, int], int, int]:
+        """(envoys per status in ``STATUS_ORDER``, envoys, reports queued on envoys): one
+        aggregate query, whatever the size of the fleet."""
+        counts = dict.fromkeys(STATUS_ORDER, 0)
+        total = queued = 0
+        for status, n, depth in self.store.query(
+                f"SELECT {status_sql()} AS status, COUNT(*), SUM(COALESCE(queue_depth, 0)) FROM envoys "
+                "GROUP BY status", self._status_params(now)):
+            counts[status] = n
+            total += n
+            queued += depth or 0
+        return counts, total, queued
+
+    def page(self, page: int = 1, per_page: int = 50, status: str | None = None, hostname: str | None = None,
+             serial: int | None = None, trait: str | None = None, sort: str = "hostname",
+             order: str = "asc") -> dict[str, Any]:
+        """One page of the envoys, filtered and sorted by the database. ``hostname`` matches a
+        part of the name (case-insensitive), ``trait`` is ``path=value`` (``os.name=debian``),
+        ``serial`` the bundle serial an envoy last reported. ``total`` counts every match."""
+        if not 1 <= per_page <= MAX_PAGE_SIZE:
+            raise ProtocolError("bad_body", f"per_page must be a whole number in 1..{MAX_PAGE_SIZE}, got {per_page}")
+        if page < 1:
+            raise ProtocolError("bad_body", f"page must be a whole number from 1, got {page}")
+        if status is not None and status not in STATUS_ORDER:
+            raise ProtocolError("bad_body", f"status must be one of {', '.join(STATUS_ORDER)}, got {status!r:.40}")
+        if sort not in SORT_KEYS:
+            raise ProtocolError("bad_body", f"sort must be one of {', '.join(SORT_KEYS)}, got {sort!r:.40}")
+        if order not in ("asc", "desc"):
+            raise ProtocolError("bad_body", f"order must be asc or desc, got {order!r:.40}")
+        params = self._status_params()
+        where = []
+        if hostname:
+            if len(hostname) > MAX_FILTER_CHARS:
+                raise ProtocolError("bad_body", f"hostname filter is {len(hostname)} characters; at most {MAX_FILTER_CHARS}")
+            where.append("instr(lower(hostname), lower(:hostname)) > 0")
+            params["hostname"] = hostname
+        if serial is not None:
+            where.append("serial = :serial")
+            params["serial"] = serial
+        if trait:
+            path, eq, value = trait.partition("=")
+            if not eq or not _TRAIT_PATH.match(path) or len(trait) > MAX_FILTER_CHARS:
+                raise ProtocolError("bad_body", f"trait filter must be PATH=VALUE with a dotted path of names "
+                                                f"(os.name=debian), at most {MAX_FILTER_CHARS} characters, got {trait!r:.60}")
+            # Compared as text, so 4 matches a trait that is the number 4 or the string "4".
+            where.append("CAST(json_extract(traits, :trait_path) AS TEXT) = :trait_value")
+            params.update(trait_path="$." + path, trait_value=value)
+        inner = (f"SELECT {', '.join(_LIST_COLUMNS)}, {status_sql()} AS status FROM envoys"
+                 + (" WHERE " + " AND ".join(where) if where else ""))
+        outer = " WHERE status = :status" if status is not None else ""
+        params["status"] = status
+        total = self.store.one(f"SELECT COUNT(*) FROM ({inner}){outer}", params)[0]
+        pages = max(1, -(-total // per_page))
+        if page > pages:
+            raise ProtocolError("not_found", f"page {page} is past the last page ({pages}) of {total} envoys")
+        direction = "DESC" if order == "desc" else "ASC"
+        # By status means by precedence (revoked first), not by the alphabet.
+        key = ("CASE status " + " ".join(f"WHEN '{st}' THEN {i}" for i, st in enumerate(STATUS_ORDER)) + " END"
+               if sort == "status" else sort)
+        rows = self.store.query(
+            f"SELECT * FROM ({inner}){outer} ORDER BY {key} {direction} NULLS LAST, id {direction} "
+            "LIMIT :limit OFFSET :offset", {**params, "limit": per_page, "offset": (page - 1) * per_page})
+        return {
+            "page": page, "per_page": per_page, "pages": pages, "total": total, "sort": sort, "order": order,
+            "filters": {"status": status, "hostname": hostname or None, "serial": serial, "trait": trait or None},
+            "statuses": list(STATUS_ORDER),  # what the status filter accepts, in order of precedence
+            "rows": [_decode(dict(zip((*_LIST_COLUMNS, "status"), r, strict=True))) for r in rows],
         }
 
     def listing(self) -> list[dict[str, Any]]:
@@ -341,4 +455,5 @@ class FleetCore:
         e["status"] = self.status_of(e, time.time(), self.current_serial())
         e["runs"] = recent_runs(self.store, e["id"], limit=runs, full=True)
         e["run_count"] = self.store.one("SELECT COUNT(*) FROM runs WHERE envoy_id = ?", (e["id"],))[0]
+        e["certs"] = cert_rows(self.store, e["id"])
         return e

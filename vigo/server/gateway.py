@@ -12,6 +12,10 @@ Envoy requests (join, checkin, results, renew) go through the **batcher**: many 
 requests ride in one call to the primary (one transaction there). The batcher's queue is
 bounded: past ``queue_max`` waiting requests, new ones are answered ``overloaded`` with a
 retry-after rather than letting memory grow.
+
+Every ``checkin_ok`` carries ``gateways``, the gateways serving now (HOST:PORT), when the
+actor has told this server the list (``gateways``, refreshed from control's topology): envoys
+learn every gateway from it (docs/envoy.md, "Gateways").
 """
 
 from __future__ import annotations
@@ -130,6 +134,9 @@ class GatewayServer:
         self._tasks: list[asyncio.Task] = []
         self._in_flight = asyncio.Semaphore(MAX_BATCHES_IN_FLIGHT)
         self._background: set[asyncio.Future] = set()
+        #: The gateways serving now, HOST:PORT, as the actor last read them from control (None:
+        #: not known yet; check-in answers then carry no list and envoys keep theirs).
+        self.gateways: list[str] | None = None
         #: TEST HOOK, 0 (off) in production: this many `results` requests have their batch
         #: committed by the primary and then the connection dropped *before* the ack is written,
         #: as a network failure at exactly that instant would (the envoy must resend; the
@@ -324,6 +331,8 @@ class GatewayServer:
             serial = body.pop("bundle_serial", None)
             body["bundle"] = await self._bundle(serial) if serial is not None else None
             body.setdefault("bundle_version", None)
+            if self.gateways:
+                body["gateways"] = list(self.gateways)
         return protocol.REPLIES[frame.type], body
 
     async def _admin(self, body: dict[str, Any]) -> Any:

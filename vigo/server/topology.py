@@ -132,8 +132,9 @@ def revision(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-#: Sections of server.yaml only gateways use: a change there restarts gateways, not members.
-GATEWAY_SECTIONS = ("listen", "gateway")
+#: Sections of server.yaml members do not use: a change there restarts gateways (listen,
+#: gateway) or the console (console, listen), never a member.
+GATEWAY_SECTIONS = ("listen", "gateway", "console")
 
 
 def member_revision(data_dir: str, cfg: dict[str, Any] | None, name: str) -> str:
